@@ -1,0 +1,32 @@
+// fastscore._C: a Python module with no Python entry points. Importing it runs the static
+// TORCH_LIBRARY initialisers below and in csrc/cpu, csrc/cuda, which register the kernels with the
+// PyTorch dispatcher as torch.ops.fastscore_C.*; the dispatcher (not pybind) routes by device, so
+// torch.compile and torch.library see every kernel. Import torch before importing this module.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+// Schemas, one block per op. The kernels for each dispatch key live in csrc/cpu/<op>.cpp and
+// csrc/cuda/<op>_binding.cpp; the differentiable Python API is in fastscore/ops/<op>.py.
+TORCH_LIBRARY(fastscore_C, m) {
+  // InstanceNorm++ (conditional instance norm with optional mean reinjection and fused ELU).
+  // Parameters are (N, C) views in the accumulation dtype; mean/rstd are the per-plane statistics.
+  m.def(
+      "cond_instance_norm_fwd(Tensor x, Tensor gamma, Tensor? alpha, Tensor? beta, float eps, str act)"
+      " -> (Tensor out, Tensor mean, Tensor rstd)");
+  m.def(
+      "cond_instance_norm_fwd_out(Tensor x, Tensor gamma, Tensor? alpha, Tensor? beta, float eps, str act,"
+      " Tensor(a!) out) -> ()");
+  m.def(
+      "cond_instance_norm_bwd(Tensor grad_out, Tensor x, Tensor gamma, Tensor? alpha, Tensor? beta, Tensor mean,"
+      " Tensor rstd, float eps, str act) -> (Tensor grad_x, Tensor grad_gamma, Tensor grad_alpha, Tensor grad_beta)");
+  m.def(
+      "cond_instance_norm_jvp(Tensor x, Tensor gamma, Tensor? alpha, Tensor? beta, Tensor mean, Tensor rstd,"
+      " Tensor? x_t, Tensor? gamma_t, Tensor? alpha_t, Tensor? beta_t, float eps, str act) -> Tensor");
+}

@@ -1,0 +1,85 @@
+// Arithmetic shared by the CPU (g++) and CUDA (nvcc) kernels of every op. Everything here is
+// written so that g++ auto-vectorises it inside `#pragma omp simd` loops: no calls into libm on the
+// float path, no branches (selects only), no float->int conversions after a compare (g++ 12 then
+// refuses to vectorise for AVX-512).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define FS_HD __host__ __device__ __forceinline__
+#else
+#define FS_HD inline
+#endif
+
+namespace fastscore {
+
+FS_HD float bits_to_float(int32_t i) {
+#if defined(__CUDA_ARCH__)
+  return __int_as_float(i);
+#else
+  float f;
+  std::memcpy(&f, &i, sizeof f);
+  return f;
+#endif
+}
+
+FS_HD int32_t float_to_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_int(f);
+#else
+  int32_t i;
+  std::memcpy(&i, &f, sizeof i);
+  return i;
+#endif
+}
+
+template <typename T>
+FS_HD T min0(T v) {
+  return v < T(0) ? v : T(0);
+}
+
+template <typename T>
+FS_HD T max0(T v) {
+  return v > T(0) ? v : T(0);
+}
+
+// expm1(x) for x <= 0, float, within 1 ulp (checked against float64 expm1 over [-25, 0]).
+// x = k ln2 + r with |r| <= ln2/2; expm1(x) = 2^k expm1(r) + (2^k - 1). For k = 0 this is the
+// polynomial itself, so tiny |x| keep full relative accuracy (why not exp(x) - 1).
+FS_HD float expm1_nonpos(float x) {
+  x = x > -17.5f ? x : -17.5f;  // below this expm1 rounds to -1 in float
+  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer kept in the low bits
+  const float t = x * 1.44269504f + shifter;
+  const float kf = t - shifter;
+  const int32_t k = float_to_bits(t) - float_to_bits(shifter);
+  float r = x - kf * 0.693145751953125f;  // ln2 split in a short head (kf * head is exact) ...
+  r = r - kf * 1.42860682e-6f;            // ... and the tail
+  const float p =
+      r * r * (0.5f + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120 + r * (1.f / 720 + r * (1.f / 5040)))))) + r;
+  const float two_k = bits_to_float((k + 127) << 23);
+  return two_k * p + (two_k - 1.0f);
+}
+
+// float64 takes the library expm1: it is used for checking (gradcheck) more than for speed.
+FS_HD double expm1_nonpos(double x) { return ::expm1(x); }
+
+// Activations that the norm ops fuse. ELU with alpha = 1, as ncsnv2's nn.ELU():
+// elu(p) = max(p, 0) + expm1(min(p, 0)), which is exactly p for p > 0 and expm1(p) otherwise.
+enum Act : int { kActNone = 0, kActElu = 1 };
+
+template <typename T>
+FS_HD T act_forward(T pre, int act) {
+  return act == kActElu ? max0(pre) + expm1_nonpos(min0(pre)) : pre;
+}
+
+// d act / d pre, written from pre: 1 for p > 0, exp(p) = expm1(p) + 1 for p <= 0 (as torch's
+// elu_backward, which uses exp(p) at p = 0 too).
+template <typename T>
+FS_HD T act_grad(T pre, int act) {
+  return act == kActElu ? (pre > T(0) ? T(1) : expm1_nonpos(min0(pre)) + T(1)) : T(1);
+}
+
+}  // namespace fastscore

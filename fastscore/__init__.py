@@ -1,0 +1,17 @@
+"""fastscore: fast layers, samplers and likelihoods for score-based generative models.
+
+Public names: see design/API.md. torch is imported before the compiled extension (fastscore._C),
+which registers its kernels with the PyTorch dispatcher when first needed (fastscore._backend).
+"""
+
+import torch  # noqa: F401  (must precede fastscore._C)
+
+__version__ = "0.1.0"
+
+from fastscore import nn  # noqa: E402
+from fastscore import ops  # noqa: E402
+from fastscore._backend import BackendUnavailableError  # noqa: E402
+from fastscore._backend import backends  # noqa: E402
+from fastscore._backend import use_backend  # noqa: E402
+
+__all__ = ["__version__", "backends", "use_backend", "BackendUnavailableError", "nn", "ops"]

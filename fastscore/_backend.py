@@ -1,0 +1,180 @@
+"""Which implementations exist here, and which one an op uses.
+
+Every op in fastscore/ops has up to four implementations that must agree:
+  ref     pure PyTorch (always available; the ground truth)
+  cpp     C++ CPU kernels in fastscore._C (csrc/cpu)
+  triton  Triton kernels in fastscore._triton (kernels/): CUDA tensors, or CPU tensors in Triton's
+          interpreter (TRITON_INTERPRET=1, only when forced: that is how CI checks them)
+  cuda    CUDA C++ kernels in fastscore._C (csrc/cuda), when built with a CUDA torch
+
+Choice, per call: a backend forced by ``use_backend(...)`` or ``FASTSCORE_BACKEND`` is used or the
+call fails saying how to get it; otherwise CPU tensors use cpp, CUDA tensors the op's preferred
+order (from its benchmark), and if none of those can run, ref with a one-time warning. The choice
+never changes results beyond floating-point rounding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import os
+import threading
+import warnings
+
+import torch
+
+BACKENDS = ("ref", "cpp", "triton", "cuda")
+_REBUILD = "rebuild it from the source tree with `pip install --no-build-isolation -e .`"
+
+
+class BackendUnavailableError(RuntimeError):
+    """A forced backend cannot run the requested op here."""
+
+
+# ---- what exists ---------------------------------------------------------------------------------
+
+
+@functools.cache
+def _cpp_import_error() -> str | None:
+    try:
+        from fastscore import _C  # noqa: F401  (registers torch.ops.fastscore_C.*; torch is imported first)
+    except ImportError as exc:
+        return f"fastscore._C could not be imported ({exc}); {_REBUILD}"
+    return None
+
+
+def _has_kernel(cpp_op: str, dispatch_key: str) -> bool:
+    return _cpp_import_error() is None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"fastscore_C::{cpp_op}", dispatch_key
+    )
+
+
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _status(backend: str, device_type: str, cpp_op: str | None = None) -> str | None:
+    """None if `backend` can run on `device_type` here (for the op whose C++ kernel is `cpp_op`), else why not."""
+    if backend == "ref":
+        return None
+    if backend == "cpp":
+        if device_type != "cpu":
+            return "the cpp backend runs on CPU tensors only"
+        if _cpp_import_error():
+            return _cpp_import_error()
+        if cpp_op is not None and not _has_kernel(cpp_op, "CPU"):
+            return f"fastscore._C has no CPU kernel {cpp_op!r}; {_REBUILD}"
+        return None
+    if backend == "triton":
+        if not _triton_installed():
+            return "triton is not installed (pip install triton)"
+        if device_type == "cuda":
+            return None if torch.cuda.is_available() else "no CUDA device"
+        if device_type == "cpu":
+            if _triton_interpreting():
+                return None
+            return "Triton runs on CPU tensors only in its interpreter: set TRITON_INTERPRET=1 before importing fastscore"
+        return f"Triton does not run on {device_type} tensors"
+    if backend == "cuda":
+        if device_type != "cuda":
+            return "the cuda backend runs on CUDA tensors only"
+        if torch.version.cuda is None:
+            return "the installed torch is a CPU build"
+        if not torch.cuda.is_available():
+            return "no CUDA device"
+        if _cpp_import_error():
+            return _cpp_import_error()
+        probe = cpp_op or "cond_instance_norm_fwd"
+        if not _has_kernel(probe, "CUDA"):
+            return f"fastscore._C was built without CUDA kernels; rebuild with FASTSCORE_CUDA=1 ({_REBUILD})"
+        return None
+    raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+
+
+def backends() -> dict:
+    """Per backend: whether it can run here, on which device types, and if not, why.
+
+    Returns ``{name: {"available": bool, "devices": [...], "reason": str}}``.
+    """
+    report = {}
+    for name in BACKENDS:
+        why = {device: _status(name, device) for device in ("cpu", "cuda")}
+        devices = [device for device, reason in why.items() if reason is None]
+        if name == "triton" and devices == ["cpu"]:
+            reason = "interpreter only (TRITON_INTERPRET=1, no CUDA device): correct but slow, for testing"
+        elif devices:
+            reason = ""
+        else:  # the reason on the backend's own device
+            reason = why["cpu" if name == "cpp" else "cuda"] or ""
+        report[name] = {"available": bool(devices), "devices": devices, "reason": reason}
+    return report
+
+
+# ---- what is chosen ------------------------------------------------------------------------------
+
+_forced_stack: list[str] = []  # process-wide: backward may run on autograd's worker threads
+_forced_lock = threading.Lock()
+_warned: set[tuple[str, str]] = set()
+
+
+def _check_name(name: str, what: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{what}: expected one of {', '.join(BACKENDS)}, got {name!r}")
+    return name
+
+
+def forced_backend() -> str | None:
+    """The backend forced by use_backend (innermost) or FASTSCORE_BACKEND, or None."""
+    with _forced_lock:
+        if _forced_stack:
+            return _forced_stack[-1]
+    env = os.environ.get("FASTSCORE_BACKEND", "").strip()
+    return _check_name(env, "FASTSCORE_BACKEND") if env else None
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Force every fastscore op inside the block to use backend `name` (ref, cpp, triton or cuda).
+
+    An op whose forced backend cannot run raises BackendUnavailableError saying why and how to get it.
+    """
+    _check_name(name, "name")
+    with _forced_lock:
+        _forced_stack.append(name)
+    try:
+        yield
+    finally:
+        with _forced_lock:
+            _forced_stack.pop()
+
+
+def select(op: str, device: torch.device, *, cpp_op: str, cuda_order: tuple[str, ...] = ("cuda", "triton")) -> str:
+    """The backend op `op` uses for tensors on `device` (see the module docstring)."""
+    forced = forced_backend()
+    if forced is not None:
+        why = _status(forced, device.type, cpp_op)
+        if why is not None:
+            raise BackendUnavailableError(
+                f"backend {forced!r} is forced (use_backend / FASTSCORE_BACKEND) but cannot run {op} on "
+                f"{device.type} tensors: {why}"
+            )
+        return forced
+    order = ("cpp",) if device.type == "cpu" else cuda_order if device.type == "cuda" else ()
+    reasons = []
+    for name in order:
+        why = _status(name, device.type, cpp_op)
+        if why is None:
+            return name
+        reasons.append(f"{name}: {why}")
+    key = (op, device.type)
+    if key not in _warned:
+        _warned.add(key)
+        detail = "; ".join(reasons) or f"no fused backend for {device.type} tensors"
+        warnings.warn(f"fastscore: {op} on {device.type} uses the reference implementation ({detail})", stacklevel=3)
+    return "ref"

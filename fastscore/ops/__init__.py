@@ -1,0 +1,6 @@
+"""Functional, differentiable, torch.compile-able fused ops. One module per op (see ARCHITECTURE.md)."""
+
+from fastscore.ops.cond_instance_norm import cond_instance_norm
+from fastscore.ops.cond_instance_norm import cond_instance_norm_ref
+
+__all__ = ["cond_instance_norm", "cond_instance_norm_ref"]
