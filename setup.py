@@ -47,7 +47,9 @@ def _extension():
     debug = os.environ.get("FASTSCORE_DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
     cxx = opt + ["-std=c++17", "-fopenmp", "-DPy_LIMITED_API=0x03090000"]
-    sources = _rel([os.path.join(ROOT, "csrc", "fastscore.cpp")] + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    sources = _rel(
+        [os.path.join(ROOT, "csrc", "fastscore.cpp")] + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))
+    )
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     common = dict(
         name="fastscore._C",

@@ -79,7 +79,9 @@ def _status(backend: str, device_type: str, cpp_op: str | None = None) -> str | 
         if device_type == "cpu":
             if _triton_interpreting():
                 return None
-            return "Triton runs on CPU tensors only in its interpreter: set TRITON_INTERPRET=1 before importing fastscore"
+            return (
+                "Triton runs on CPU tensors only in its interpreter: set TRITON_INTERPRET=1 before importing fastscore"
+            )
         return f"Triton does not run on {device_type} tensors"
     if backend == "cuda":
         if device_type != "cuda":
@@ -102,16 +104,18 @@ def backends() -> dict:
 
     Returns ``{name: {"available": bool, "devices": [...], "reason": str}}``.
     """
+    present = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     report = {}
     for name in BACKENDS:
-        why = {device: _status(name, device) for device in ("cpu", "cuda")}
-        devices = [device for device, reason in why.items() if reason is None]
+        devices = [device for device in present if _status(name, device) is None]
         if name == "triton" and devices == ["cpu"]:
             reason = "interpreter only (TRITON_INTERPRET=1, no CUDA device): correct but slow, for testing"
         elif devices:
             reason = ""
+        elif name == "triton":
+            reason = f"{_status(name, 'cuda')}; {_status(name, 'cpu')}"
         else:  # the reason on the backend's own device
-            reason = why["cpu" if name == "cpp" else "cuda"] or ""
+            reason = _status(name, "cpu" if name == "cpp" else "cuda") or ""
         report[name] = {"available": bool(devices), "devices": devices, "reason": reason}
     return report
 

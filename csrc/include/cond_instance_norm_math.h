@@ -29,6 +29,13 @@ FS_HD void moments_from_shifted_sums(T K, T S1, T S2, T hw, T eps, T& mean, T& r
   rstd = T(1) / sqrt(var + eps);
 }
 
+// s from sq = sum_c (mean - m)^2; apart from channel_mean_moments so that a parallel reduction (the
+// CUDA kernel's) finishes with the same formula.
+template <typename T>
+FS_HD T channel_mean_s(T sq, int64_t C, T eps) {
+  return T(1) / sqrt(sq / T(C - 1) + eps);  // unbiased over channels, as torch.var
+}
+
 // Cross-channel standardisation of one sample's channel means (the "++" term): returns m and s.
 template <typename T>
 FS_HD void channel_mean_moments(const T* mean, int64_t C, T eps, T& m, T& s) {
@@ -37,7 +44,7 @@ FS_HD void channel_mean_moments(const T* mean, int64_t C, T eps, T& m, T& s) {
   m = acc / T(C);
   T sq = 0;
   for (int64_t c = 0; c < C; ++c) sq += (mean[c] - m) * (mean[c] - m);
-  s = T(1) / sqrt(sq / T(C - 1) + eps);  // unbiased over channels, as torch.var
+  s = channel_mean_s(sq, C, eps);
 }
 
 template <typename T>
@@ -105,6 +112,13 @@ FS_HD void jvp_plane_tangents(T T1, T T2, T rstd, T inv_hw, T& dmean, T& drstd) 
   drstd = -(rstd * rstd * rstd * T2) * inv_hw;
 }
 
+// ds from cov = sum_c (mean - m)(dmean - dm); apart for the same reason as channel_mean_s.
+template <typename T>
+FS_HD T channel_mean_ds(T cov, T s, int64_t C) {
+  const T dv = T(2) * cov / T(C - 1);
+  return -T(0.5) * s * s * s * dv;
+}
+
 // dm and ds for one sample, from its channel means and their tangents.
 template <typename T>
 FS_HD void jvp_channel_mean_tangents(const T* mean, const T* dmean, int64_t C, T m, T s, T& dm, T& ds) {
@@ -113,8 +127,7 @@ FS_HD void jvp_channel_mean_tangents(const T* mean, const T* dmean, int64_t C, T
   dm = acc / T(C);
   T cov = 0;
   for (int64_t c = 0; c < C; ++c) cov += (mean[c] - m) * (dmean[c] - dm);
-  const T dv = T(2) * cov / T(C - 1);
-  ds = -T(0.5) * s * s * s * dv;
+  ds = channel_mean_ds(cov, s, C);
 }
 
 template <typename T>

@@ -120,11 +120,12 @@ def _ref_of_present(x, alpha, beta, eps, act):
 
 def _bwd_ref(grad_out, x, gamma, alpha, beta, mean, rstd, eps, act):
     _, vjp = torch.func.vjp(_ref_of_present(x, alpha, beta, eps, act), x, gamma, *_present(alpha, beta))
-    grads = list(vjp(grad_out))
+    # Autograd may hand back views of grad_out (e.g. a parameter's gradient when H * W = 1); a
+    # custom op's outputs must not alias its inputs.
+    grads = [g.clone() for g in vjp(grad_out)]
     grad_x, grad_gamma = grads[0], grads[1]
-    empty = gamma.new_empty(0)
-    grad_alpha = grads[2] if alpha is not None else empty
-    grad_beta = grads[-1] if beta is not None else empty
+    grad_alpha = grads[2] if alpha is not None else gamma.new_empty(0)
+    grad_beta = grads[-1] if beta is not None else gamma.new_empty(0)  # a second empty: outputs may not alias
     return _like_x(grad_x, x), grad_gamma, grad_alpha, grad_beta
 
 
@@ -152,7 +153,9 @@ def _impl(backend: str) -> _Impl:
     if backend in ("cpp", "cuda"):  # one C++ op; the dispatcher routes CPU / CUDA tensors
         ops = torch.ops.fastscore_C
         return _Impl(
-            ops.cond_instance_norm_fwd, ops.cond_instance_norm_fwd_out, ops.cond_instance_norm_bwd,
+            ops.cond_instance_norm_fwd,
+            ops.cond_instance_norm_fwd_out,
+            ops.cond_instance_norm_bwd,
             ops.cond_instance_norm_jvp,
         )
     from fastscore._triton import cond_instance_norm as kernels
@@ -266,9 +269,7 @@ class _CondInstanceNormFn(torch.autograd.Function):
         if torch.is_grad_enabled():
             # create_graph=True (sliced score matching, Hutchinson HVPs, jvp(grad(f))): the gradient
             # must itself be differentiable, so differentiate the reference, exactly.
-            _, vjp = torch.func.vjp(
-                _ref_of_present(x, alpha, beta, ctx.eps, ctx.act), x, gamma, *_present(alpha, beta)
-            )
+            _, vjp = torch.func.vjp(_ref_of_present(x, alpha, beta, ctx.eps, ctx.act), x, gamma, *_present(alpha, beta))
             grads = list(vjp(grad_out))
             grad_x, grad_gamma = grads[0], grads[1]
             grad_alpha = grads[2] if alpha is not None else None

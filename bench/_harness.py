@@ -1,0 +1,242 @@
+"""Side-by-side timing for fastscore's benches (see design/PERFORMANCE.md).
+
+A bench module (bench/bench_<op>.py) describes Cases: for one input configuration, a set of named
+providers (zero-argument callables doing the same work) plus how to check that they agree. The
+harness first asserts agreement, then times the providers in the same process, interleaved
+(A B C A B C ...), and reports medians and RATIOS: on shared, noisy machines an absolute time is
+not stable, a ratio measured in one run is.
+
+Baseline provider names the ratio columns refer to: "eager" (the reference repos' formulation),
+"compile" (torch.compile of it) and "copy" (moving the same bytes once into a preallocated tensor:
+the floor for memory-bound ops).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+BASELINES = ("eager", "compile", "copy")
+
+
+@dataclass
+class Case:
+    """One configuration of one op: providers that do the same work, and an agreement check."""
+
+    name: str
+    providers: dict[str, Callable[[], object]]
+    # check(results) raises AssertionError if the providers' results (name -> return value of one
+    # call) disagree; called once before timing.
+    check: Callable[[dict[str, object]], None] | None = None
+    note: str = ""
+
+
+def agree_with(reference: str, *, what: str, rtol: float = 1e-4, atol: float = 1e-4, skip=("copy",)):
+    """A Case.check: every provider's result (a tensor or a sequence of tensors) equals `reference`'s."""
+
+    def check(results: dict[str, object]) -> None:
+        want = results[reference]
+        want = list(want) if isinstance(want, (tuple, list)) else [want]
+        for name, got in results.items():
+            if name in skip or name == reference:
+                continue
+            got = list(got) if isinstance(got, (tuple, list)) else [got]
+            assert len(got) == len(want), f"{what}: {name} returned {len(got)} results, {reference} {len(want)}"
+            for i, (g, e) in enumerate(zip(got, want)):
+                torch.testing.assert_close(
+                    g, e, rtol=rtol, atol=atol, msg=lambda m, name=name, i=i: f"{what}: {name}[{i}] vs {reference}: {m}"
+                )
+
+    return check
+
+
+@dataclass
+class Row:
+    case: str
+    provider: str
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    ratios: dict[str, float]
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(
+    providers: dict[str, Callable[[], object]], *, rounds: int, warmup: int = 2, device: str = "cpu"
+) -> dict[str, list[float]]:
+    """Seconds per call for each provider, measured A B C A B C ... so drift hits all alike."""
+    for fn in providers.values():
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in providers}
+    for _ in range(rounds):
+        for name, fn in providers.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def measure(case: Case, *, rounds: int, device: str = "cpu") -> list[Row]:
+    """Check agreement, then time. Ratios: baseline time / provider time (> 1 means faster than it),
+    except against "copy", where it is provider time / copy time (how far above the floor)."""
+    if case.check is not None:
+        case.check({name: fn() for name, fn in case.providers.items()})
+    times = time_interleaved(case.providers, rounds=rounds, device=device)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    rows = []
+    for name, ts in times.items():
+        ratios = {}
+        for base in BASELINES:
+            if base in med and base != name:
+                ratios[base] = med[name] / med[base] if base == "copy" else med[base] / med[name]
+        rows.append(Row(case.name, name, med[name] * 1e3, _quantile(ts, 0.2) * 1e3, _quantile(ts, 0.8) * 1e3, ratios))
+    return rows
+
+
+def format_table(title: str, rows: list[Row]) -> str:
+    header = (
+        f"{'case':<34} {'provider':<16} {'median ms':>10} {'p20-p80 ms':>17} "
+        f"{'eager/x':>8} {'compile/x':>9} {'x/copy':>7}"
+    )
+    lines = [title, header, "-" * len(header)]
+    last_case = None
+    for r in rows:
+        case = r.case if r.case != last_case else ""
+        last_case = r.case
+
+        def ratio(key, ratios=r.ratios):
+            return f"{ratios[key]:.2f}" if key in ratios else "-"
+
+        lines.append(
+            f"{case:<34} {r.provider:<16} {r.median_ms:>10.3f} {f'{r.p20_ms:.3f}-{r.p80_ms:.3f}':>17} "
+            f"{ratio('eager'):>8} {ratio('compile'):>9} {ratio('copy'):>7}"
+        )
+    lines.append("eager/x, compile/x: how many times faster than that baseline; x/copy: times the copy floor.")
+    return "\n".join(lines)
+
+
+# ---- results history ------------------------------------------------------------------------------
+
+_BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def results_path() -> str:
+    """bench/results.csv in a source checkout; ./fastscore-bench-results.csv for an installed package."""
+    if os.environ.get("FASTSCORE_BENCH_RESULTS"):
+        return os.environ["FASTSCORE_BENCH_RESULTS"]
+    in_checkout = os.path.exists(os.path.join(_BENCH_DIR, os.pardir, "setup.py"))
+    if in_checkout and os.access(_BENCH_DIR, os.W_OK):
+        return os.path.join(_BENCH_DIR, "results.csv")
+    return os.path.abspath("fastscore-bench-results.csv")
+
+
+def _git_sha() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=_BENCH_DIR, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+FIELDS = [
+    "timestamp",
+    "git_sha",
+    "op",
+    "case",
+    "provider",
+    "device",
+    "torch",
+    "fastscore",
+    "quick",
+    "median_ms",
+    "p20_ms",
+    "p80_ms",
+    "eager_over",
+    "compile_over",
+    "over_copy",
+]
+
+
+def append_results(op: str, rows: list[Row], *, device: str, quick: bool, path: str | None = None) -> str:
+    import fastscore
+
+    path = path or results_path()
+    new = not os.path.exists(path)
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    sha = _git_sha()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            writer.writeheader()
+        for r in rows:
+            writer.writerow(
+                {
+                    "timestamp": stamp,
+                    "git_sha": sha,
+                    "op": op,
+                    "case": r.case,
+                    "provider": r.provider,
+                    "device": device_name(device),
+                    "torch": torch.__version__,
+                    "fastscore": fastscore.__version__,
+                    "quick": int(quick),
+                    "median_ms": f"{r.median_ms:.4f}",
+                    "p20_ms": f"{r.p20_ms:.4f}",
+                    "p80_ms": f"{r.p80_ms:.4f}",
+                    "eager_over": f"{r.ratios.get('eager', '')}",
+                    "compile_over": f"{r.ratios.get('compile', '')}",
+                    "over_copy": f"{r.ratios.get('copy', '')}",
+                }
+            )
+    return path
+
+
+def run(op: str, cases: list[Case], *, rounds: int, device: str, quick: bool, record: bool = True) -> list[Row]:
+    """Measure every case, print one table, append the rows to the results history."""
+    rows = []
+    for case in cases:
+        rows.extend(measure(case, rounds=rounds, device=device))
+    title = f"fastscore bench {op} on {device_name(device)} (torch {torch.__version__}; medians of {rounds} rounds)"
+    print(format_table(title, rows), flush=True)
+    if record:
+        print(f"results appended to {append_results(op, rows, device=device, quick=quick)}")
+    return rows

@@ -1,0 +1,41 @@
+"""Test setup shared by every test file.
+
+Without a CUDA device, Triton kernels are proven against the reference in Triton's interpreter,
+which must be switched on before triton (and fastscore) are imported: hence here, at collection.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import fastscore  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_isolate(monkeypatch):
+    """Every test starts from the same RNG state and with no backend forced by the environment."""
+    torch.manual_seed(0)
+    monkeypatch.delenv("FASTSCORE_BACKEND", raising=False)
+    yield
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+def backends_for(device: str = "cpu") -> list[str]:
+    """The backends that can run on `device` tensors here (ref always)."""
+    return [name for name, info in fastscore.backends().items() if device in info["devices"]]
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
