@@ -29,4 +29,11 @@ TORCH_LIBRARY(fastscore_C, m) {
   m.def(
       "cond_instance_norm_jvp(Tensor x, Tensor gamma, Tensor? alpha, Tensor? beta, Tensor mean, Tensor rstd,"
       " Tensor? x_t, Tensor? gamma_t, Tensor? alpha_t, Tensor? beta_t, float eps, str act) -> Tensor");
+
+  // RefineNet CRP pooling: 5x5, stride 1, padding 2; mode "max" or "avg" (count_include_pad).
+  // Outputs have x's shape, dtype and layout. Backward and jvp recompute the window maxima from x.
+  m.def("crp_pool_fwd(Tensor x, str mode) -> Tensor");
+  m.def("crp_pool_bwd(Tensor grad_out, Tensor x, str mode) -> Tensor");
+  m.def("crp_pool_jvp(Tensor x, Tensor x_t, str mode) -> Tensor");
+
 }
