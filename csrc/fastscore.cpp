@@ -36,4 +36,14 @@ TORCH_LIBRARY(fastscore_C, m) {
   m.def("crp_pool_bwd(Tensor grad_out, Tensor x, str mode) -> Tensor");
   m.def("crp_pool_jvp(Tensor x, Tensor x_t, str mode) -> Tensor");
 
+  // Langevin / SDE sampler updates with counter-based Gaussian noise (Philox4x32-10 in the kernel; layout
+  // in csrc/include/langevin_step_math.h). coef (N, 3) rows (a, b, c) in the accumulation dtype:
+  // x_mean = a x + b score, x = x_mean + c z, then x = mask known + (1 - mask) x; z = noise if given, else
+  // generated from (seed, counter, (sample_offset + n) * D + i). seed and counter are 64-bit patterns
+  // (unsigned values passed wrapped). norms: (N, 2) float64 per-sample sums of score^2 and z^2.
+  m.def(
+      "langevin_step_update(Tensor(a!) x, Tensor score, Tensor coef, Tensor? noise, int seed, int counter,"
+      " int sample_offset, Tensor? mask, Tensor? known, Tensor(b!)? x_mean) -> ()");
+  m.def("langevin_step_norms(Tensor score, Tensor? noise, int seed, int counter, int sample_offset) -> Tensor");
+  m.def("langevin_step_randn(Tensor(a!) out, int seed, int counter, int sample_offset) -> ()");
 }

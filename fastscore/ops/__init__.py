@@ -4,10 +4,26 @@ from fastscore.ops.cond_instance_norm import cond_instance_norm
 from fastscore.ops.cond_instance_norm import cond_instance_norm_ref
 from fastscore.ops.crp_pool import crp_pool
 from fastscore.ops.crp_pool import crp_pool_ref
+from fastscore.ops.langevin_step import counter_randn
+from fastscore.ops.langevin_step import counter_randn_ref
+from fastscore.ops.langevin_step import langevin_corrector_step_
+from fastscore.ops.langevin_step import langevin_corrector_step_ref
+from fastscore.ops.langevin_step import langevin_step_
+from fastscore.ops.langevin_step import langevin_step_ref
+from fastscore.ops.langevin_step import sde_update_
+from fastscore.ops.langevin_step import sde_update_ref
 
 __all__ = [
     "cond_instance_norm",
     "cond_instance_norm_ref",
     "crp_pool",
     "crp_pool_ref",
+    "counter_randn",
+    "counter_randn_ref",
+    "langevin_corrector_step_",
+    "langevin_corrector_step_ref",
+    "langevin_step_",
+    "langevin_step_ref",
+    "sde_update_",
+    "sde_update_ref",
 ]

@@ -1,0 +1,809 @@
+r"""Langevin and SDE sampler updates with counter-based Gaussian noise generated inside the kernel.
+
+One Langevin step of ncsn / ncsnv2 (reference/ncsn_reference.md §4) reads x and the score, draws a
+normal per element and writes x: on CPU the random numbers are most of its time (torch.randn ~3.4 ns per
+normal). Here the noise is made inside the update kernel by a counter-based generator -- Philox4x32-10
+keyed by (seed, counter) and indexed by the element's global index ``(sample_offset + n) * D + i`` --
+so it costs no memory traffic, is the same on every backend and every run, and a sample's noise does
+not depend on the batch it is drawn in (the layout: csrc/include/langevin_step_math.h).
+
+This file reads top to bottom:
+1. the generator in pure PyTorch (``counter_randn_ref``): the same bits as the kernels;
+2. the references: ``langevin_step_ref``, ``langevin_corrector_step_ref``, ``sde_update_ref``;
+3. the custom ops ``fastscore::langevin_step_{update,norms,randn}`` and the implementations each backend
+   provides for them (ref, cpp, triton, cuda; chosen per call by fastscore._backend);
+4. the public ``counter_randn``, ``langevin_step_``, ``langevin_corrector_step_`` and ``sde_update_``,
+   which validate their arguments and dispatch.
+
+These are sampler updates: they are not differentiable (there is no autograd Function), and they refuse
+inputs that require grad while grad mode is on. Run them under ``torch.no_grad()``.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from fastscore import _backend
+from fastscore.ops import _checks
+
+OP = "langevin_step"
+
+# ---- 1. the generator ---------------------------------------------------------------------------------
+# Integer arithmetic on uint32 words emulated in int64 tensors (values kept in [0, 2^32)); float arithmetic
+# in float32, one rounding per tensor operation, in exactly the order of csrc/include/langevin_step_math.h.
+
+_MASK32 = 0xFFFFFFFF
+PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
+PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
+_H = float.fromhex  # the constants are exact float32 values, spelled as in the C++ header
+_ATANH_R = [_H(h) for h in ("0x1.30ab7p-2", "0x1.996b86p-2", "0x1.55556cp-1")]  # 2 atanh(s) = 2 s + s^3 R(s^2)
+_LN2_LO, _LN2_HI = _H("-0x1.bd0106p-13"), _H("0x1.63p-1")
+_SIN_P = [_H(h) for h in ("0x1.507834p+5", "-0x1.32d2ccp+6", "0x1.466bc6p+6", "-0x1.4abbcep+5", "0x1.921fb6p+2")]
+_COS_P = [_H(h) for h in ("-0x1.a6d1f2p+4", "0x1.e1f506p+5", "-0x1.55d3c8p+6", "0x1.03c1f0p+6", "-0x1.3bd3ccp+4")]
+
+
+def _mulhilo32(m: int, c: Tensor) -> tuple[Tensor, Tensor]:
+    """(hi, lo) 32-bit halves of the 64-bit product m * c, with every intermediate below 2^49."""
+    t_hi = (c >> 16) * m  # m * c = t_hi * 2^16 + t_lo
+    t_lo = (c & 0xFFFF) * m
+    hi = (t_hi + (t_lo >> 16)) >> 16
+    lo = (((t_hi & 0xFFFF) << 16) + t_lo) & _MASK32
+    return hi, lo
+
+
+def philox4x32_10(c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor, k0: int, k1: int) -> tuple[Tensor, ...]:
+    """Philox4x32-10 (Salmon et al. 2011) of the counter words (int64 tensors holding uint32 values) under
+    the key (k0, k1). Returns the four output words, as int64 tensors in [0, 2^32)."""
+    for _ in range(10):
+        hi0, lo0 = _mulhilo32(PHILOX_M0, c0)
+        hi1, lo1 = _mulhilo32(PHILOX_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + PHILOX_W0) & _MASK32, (k1 + PHILOX_W1) & _MASK32
+    return c0, c1, c2, c3
+
+
+def _horner(coefs: list[float], t: Tensor) -> Tensor:
+    y = torch.full_like(t, coefs[0])
+    for c in coefs[1:]:
+        y = y * t + c
+    return y
+
+
+def _log_unit(u: Tensor) -> Tensor:
+    """ln u for float32 u in [2^-32, 1]: log_unit of the header (2 atanh((m - 1) / (m + 1)) + k ln 2)."""
+    bits = u.view(torch.int32)
+    k = (bits >> 23) - 127
+    mbits = (bits & 0x007FFFFF) | 0x3F800000
+    high = mbits > 0x3FB504F3
+    mbits = torch.where(high, mbits - 0x00800000, mbits)
+    k = torch.where(high, k + 1, k)
+    m = mbits.view(torch.float32)
+    s = (m - 1.0) / (m + 1.0)
+    w = s * s
+    fk = k.to(torch.float32)
+    y = (s * w) * _horner(_ATANH_R, w) + fk * _LN2_LO
+    y = (s + s) + y
+    return y + fk * _LN2_HI
+
+
+def _sincos_turns(v: Tensor) -> tuple[Tensor, Tensor]:
+    """(sin, cos) of 2 pi v / 2^24 for integers v in [0, 2^24): sincos_turns of the header."""
+    q = (v + (1 << 21)) >> 22
+    t = (v - (q << 22)).to(torch.float32) * 2.0**-24
+    p = t * t
+    st = _horner(_SIN_P, p) * t
+    ct = _horner(_COS_P, p) * p + 1.0
+    swap = (q & 1) != 0
+    cc, ss = torch.where(swap, st, ct), torch.where(swap, ct, st)
+    c = torch.where(((q + 1) & 2) != 0, -cc, cc)
+    s = torch.where((q & 2) != 0, -ss, ss)
+    return s, c
+
+
+def _box_muller(wa: Tensor, wb: Tensor) -> tuple[Tensor, Tensor]:
+    u1 = (wa >> 1).to(torch.float32) * 2.0**-31 + 2.0**-32  # (0, 1]
+    # A correctly rounded float32 sqrt: torch.sqrt on CPU float32 is not (about 1 in 140 results differs);
+    # the float64 root rounded once to float32 is (53 >= 2 * 24 + 2 bits: the double rounding is innocuous).
+    r = torch.sqrt(_log_unit(u1).to(torch.float64) * -2.0).to(torch.float32)
+    s, c = _sincos_turns(wb >> 8)
+    return r * c, r * s
+
+
+def _u64(v: int) -> int:
+    return v & 0xFFFFFFFFFFFFFFFF
+
+
+def counter_randn_ref(
+    shape,
+    *,
+    seed: int,
+    counter: int = 0,
+    sample_offset: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    r"""The noise of :func:`counter_randn` in pure PyTorch (the same bits as every kernel).
+
+    ``shape`` is (N, ...) with D = prod(shape[1:]) elements per sample; element (n, i) (i row-major within
+    the sample) is the normal of global element :math:`e = (\text{sample\_offset} + n) D + i`: word
+    ``e % 4`` of the Philox4x32-10 block with key (seed_lo, seed_hi) and counter
+    (block_lo, block_hi, counter_lo, counter_hi), ``block = e // 4``, through Box-Muller on the word pairs
+    (0, 1) and (2, 3):
+
+    .. math::
+        u_1 = \lfloor w_0 / 2 \rfloor 2^{-31} + 2^{-32} \in (0, 1], \quad
+        u_2 = \lfloor w_1 / 2^8 \rfloor 2^{-24} \in [0, 1), \quad
+        z_0, z_1 = \sqrt{-2 \ln u_1}\,(\cos, \sin)(2 \pi u_2)
+
+    computed in float32 with the header's own ln and sincos (within 1.7 ulp) and a correctly rounded sqrt,
+    then converted to ``dtype``. Computed on the CPU, then moved to ``device``.
+    """
+    shape = tuple(int(s) for s in shape)
+    N = shape[0]
+    D = math.prod(shape[1:])
+    e0 = sample_offset * D
+    total = N * D
+    if total == 0:
+        return torch.empty(shape, dtype=dtype, device=device)
+    b0, b1 = e0 // 4, (e0 + total + 3) // 4
+    block = torch.arange(b0, b1, dtype=torch.int64)
+    seed, counter = _u64(seed), _u64(counter)
+    w = philox4x32_10(
+        block & _MASK32,
+        block >> 32,
+        torch.full_like(block, counter & _MASK32),
+        torch.full_like(block, counter >> 32),
+        seed & _MASK32,
+        seed >> 32,
+    )
+    z0, z1 = _box_muller(w[0], w[1])
+    z2, z3 = _box_muller(w[2], w[3])
+    z = torch.stack([z0, z1, z2, z3], dim=1).reshape(-1)[e0 - 4 * b0 : e0 - 4 * b0 + total]
+    return z.reshape(shape).to(device=device, dtype=dtype)
+
+
+# ---- 2. references -----------------------------------------------------------------------------------
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The compute dtype of the update: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _per_sample_view(v: Tensor, x: Tensor) -> Tensor:
+    return v.reshape((x.shape[0],) + (1,) * (x.dim() - 1))
+
+
+def _update_ref(x, score, coef, z, mask, known) -> tuple[Tensor, Tensor]:
+    """(x_new, x_mean) of the generic update, in the kernels' order of operations (compute dtype):
+    x_mean = a x + b score, x_new = x_mean + c z, then x_new = mask known + (1 - mask) x_new."""
+    acc = acc_dtype(x.dtype)
+    a, b, c = (_per_sample_view(coef[:, k].to(acc), x) for k in range(3))
+    mean = a * x.to(acc) + b * score.to(acc)
+    out = mean + c * z.to(acc)
+    if mask is not None:
+        m = mask.to(x.dtype).to(acc)  # the kernels read mask and known in x's dtype
+        out = m * known.to(x.dtype).to(acc) + (1 - m) * out
+    return out.to(x.dtype), mean.to(x.dtype)
+
+
+_coef_rows: dict[tuple, Tensor] = {}  # (step, N, dtype, device) -> (N, 3); samplers repeat a few step sizes
+
+
+def _langevin_coef(step_size, N: int, acc: torch.dtype, device) -> Tensor:
+    """(N, 3) rows (1, step, sqrt(2 step)); a Python step is rounded once to the compute dtype."""
+    if isinstance(step_size, Tensor):
+        s = step_size.to(device=device, dtype=acc).expand(N)
+        return torch.stack([torch.ones_like(s), s, torch.sqrt(2 * s)], dim=1)
+    step = float(step_size)
+    if torch.compiler.is_compiling():
+        return torch.tensor([[1.0, step, math.sqrt(2 * step)]], dtype=acc, device=device).expand(N, 3)
+    key = (step, N, acc, device)
+    rows = _coef_rows.get(key)
+    if rows is None:
+        if len(_coef_rows) >= 64:
+            _coef_rows.clear()
+        row = torch.tensor([[1.0, step, math.sqrt(2 * step)]], dtype=acc, device=device)
+        rows = _coef_rows[key] = row.expand(N, 3)
+    return rows
+
+
+def _noise_for(x: Tensor, noise, seed, counter, sample_offset) -> Tensor:
+    if noise is not None:
+        return noise
+    return counter_randn_ref(x.shape, seed=seed, counter=counter, sample_offset=sample_offset, device=x.device)
+
+
+def langevin_step_ref(
+    x: Tensor,
+    score: Tensor,
+    step_size,
+    *,
+    noise: Tensor | None = None,
+    seed: int | None = None,
+    counter: int = 0,
+    mask: Tensor | None = None,
+    known: Tensor | None = None,
+    sample_offset: int = 0,
+) -> Tensor:
+    r"""One Langevin step in plain PyTorch; returns the new x (x itself is not modified).
+
+    .. math::
+        x \leftarrow x + \epsilon\, s + \sqrt{2 \epsilon}\, z, \qquad
+        x \leftarrow m \odot k + (1 - m) \odot x \ \text{(with a mask)}
+
+    ``x``, ``score``: (N, ...); ``step_size`` :math:`\epsilon`: a float or an (N,) tensor; ``z`` is
+    ``noise`` (x's shape and dtype) or ``counter_randn_ref(x.shape, seed=seed, counter=counter,
+    sample_offset=sample_offset)``; ``mask``, ``known``: broadcastable to x, read in x's dtype. Computed
+    in float32 (float64 for float64 x) with :math:`\sqrt{2\epsilon}` rounded once, in the same order as
+    the kernels. ``seed=None`` with no ``noise`` draws a seed from torch's default generator.
+    """
+    if seed is None and noise is None:
+        seed = _draw_seed()
+    coef = _langevin_coef(step_size, x.shape[0], acc_dtype(x.dtype), x.device)
+    if mask is not None:
+        mask, known = mask.expand_as(x), known.expand_as(x)
+    return _update_ref(x, score, coef, _noise_for(x, noise, seed, counter, sample_offset), mask, known)[0]
+
+
+def _corrector_coef(sums: Tensor, snr, alpha, per_sample: bool, acc: torch.dtype) -> Tensor:
+    """(N, 3) rows (1, eps, sqrt(2 eps)) of score_sde's LangevinCorrector from the per-sample sums of
+    squares (N, 2) float64: eps = (snr |z| / |g|)^2 * 2 * alpha, norms batch-averaged unless per_sample."""
+    g_norm, z_norm = sums[:, 0].sqrt(), sums[:, 1].sqrt()
+    if not per_sample:
+        g_norm, z_norm = g_norm.mean().expand_as(g_norm), z_norm.mean().expand_as(z_norm)
+    snr = snr.to(torch.float64) if isinstance(snr, Tensor) else float(snr)
+    alpha = alpha.to(torch.float64) if isinstance(alpha, Tensor) else float(alpha)
+    eps = (snr * z_norm / g_norm) ** 2 * 2 * alpha
+    return torch.stack([torch.ones_like(eps), eps, torch.sqrt(2 * eps)], dim=1).to(acc)
+
+
+def _sums_ref(score: Tensor, z: Tensor) -> Tensor:
+    dims = tuple(range(1, score.dim()))
+    g2 = score.to(torch.float64).square().sum(dims) if dims else score.to(torch.float64).square()
+    z2 = z.to(torch.float64).square().sum(dims) if dims else z.to(torch.float64).square()
+    return torch.stack([g2, z2], dim=1)
+
+
+def langevin_corrector_step_ref(
+    x: Tensor,
+    score: Tensor,
+    snr,
+    *,
+    alpha=1.0,
+    per_sample: bool = True,
+    noise: Tensor | None = None,
+    seed: int | None = None,
+    counter: int = 0,
+    sample_offset: int = 0,
+) -> tuple[Tensor, Tensor]:
+    r"""score_sde's LangevinCorrector step (reference/ncsn_reference.md §5.3) in plain PyTorch.
+
+    Returns ``(x_new, x_mean)``; x is not modified. With :math:`\|g\|`, :math:`\|z\|` the per-sample L2
+    norms over all non-batch dims (batch means of them when ``per_sample=False``: score_sde's rule, one
+    step for the whole batch):
+
+    .. math::
+        \epsilon = 2 \alpha \left(\frac{\mathrm{snr}\,\|z\|}{\|g\|}\right)^2, \quad
+        x_{mean} = x + \epsilon g, \quad x = x_{mean} + \sqrt{2\epsilon}\, z
+
+    ``snr``, ``alpha``: floats or (N,) tensors. Norms and :math:`\epsilon` in float64, the update in the
+    compute dtype. A sample with :math:`\|g\| = 0` gets an infinite step, as in score_sde.
+    """
+    if seed is None and noise is None:
+        seed = _draw_seed()
+    z = _noise_for(x, noise, seed, counter, sample_offset)
+    coef = _corrector_coef(_sums_ref(score, z), snr, alpha, per_sample, acc_dtype(x.dtype))
+    return _update_ref(x, score, coef, z, None, None)
+
+
+def _sde_coef(x_scale, score_scale, noise_scale, N: int, acc: torch.dtype, device) -> Tensor:
+    cols = []
+    for v in (x_scale, score_scale, noise_scale):
+        if isinstance(v, Tensor):
+            cols.append(v.to(device=device, dtype=acc).expand(N))
+        else:
+            cols.append(torch.full((N,), float(v), dtype=acc, device=device))
+    return torch.stack(cols, dim=1)
+
+
+def sde_update_ref(
+    x: Tensor,
+    score: Tensor,
+    *,
+    x_scale=1.0,
+    score_scale,
+    noise_scale,
+    noise: Tensor | None = None,
+    seed: int | None = None,
+    counter: int = 0,
+    sample_offset: int = 0,
+) -> tuple[Tensor, Tensor]:
+    r"""The generic predictor update of :func:`sde_update_` in plain PyTorch; returns ``(x_new, x_mean)``:
+    :math:`x_{mean} = a x + b s`, :math:`x = x_{mean} + c z` with per-sample ``x_scale`` a,
+    ``score_scale`` b, ``noise_scale`` c (floats or (N,) tensors)."""
+    if seed is None and noise is None:
+        seed = _draw_seed()
+    coef = _sde_coef(x_scale, score_scale, noise_scale, x.shape[0], acc_dtype(x.dtype), x.device)
+    return _update_ref(x, score, coef, _noise_for(x, noise, seed, counter, sample_offset), None, None)
+
+
+# ---- 3. custom ops and their implementations -------------------------------------------------------------
+# Arguments as the kernels take them: x, score, noise, x_mean (N, ...) in one layout (contiguous, or
+# channels_last (N, C, H, W)), one dtype; coef (N, 3) in the compute dtype, unit column stride (a shared row
+# arrives as a stride-0 expand); mask / known (1 or N, ...) in x's layout and dtype; seed and counter the
+# 64-bit patterns as signed int64; sample_offset >= 0.
+
+
+def _unwrap(v: int) -> int:
+    return v & 0xFFFFFFFFFFFFFFFF
+
+
+def _wrap(v: int) -> int:
+    return v - (1 << 64) if v >= (1 << 63) else v
+
+
+def _update_ref_impl(x, score, coef, noise, seed, counter, sample_offset, mask, known, x_mean):
+    z = _noise_for(x, noise, _unwrap(seed), _unwrap(counter), sample_offset)
+    if mask is not None:
+        mask, known = mask.expand_as(x), known.expand_as(x)
+    new, mean = _update_ref(x, score, coef, z, mask, known)
+    x.copy_(new)
+    if x_mean is not None:
+        x_mean.copy_(mean)
+
+
+def _norms_ref_impl(score, noise, seed, counter, sample_offset):
+    return _sums_ref(score, _noise_for(score, noise, _unwrap(seed), _unwrap(counter), sample_offset))
+
+
+def _randn_ref_impl(out, seed, counter, sample_offset):
+    out.copy_(counter_randn_ref(out.shape, seed=_unwrap(seed), counter=_unwrap(counter), sample_offset=sample_offset))
+
+
+class _Impl(NamedTuple):
+    update: object
+    norms: object
+    randn: object
+
+
+def _impl(backend: str) -> _Impl:
+    if backend == "ref":
+        return _Impl(_update_ref_impl, _norms_ref_impl, _randn_ref_impl)
+    if backend in ("cpp", "cuda"):  # one C++ op; the dispatcher routes CPU / CUDA tensors
+        ops = torch.ops.fastscore_C  # .default: skips the overload resolution on every call
+        return _Impl(ops.langevin_step_update.default, ops.langevin_step_norms.default, ops.langevin_step_randn.default)
+    from fastscore._triton import langevin_step as kernels
+
+    return _Impl(kernels.update, kernels.norms, kernels.randn)
+
+
+# Order on CUDA tensors (not yet measured on a GPU here: both are memory-bound with the noise made in
+# registers; the CUDA kernel runs one Philox block per 4 elements, the Triton one per element).
+PREFERRED_CUDA = ("cuda", "triton")
+
+
+_chosen: dict[tuple, _Impl] = {}
+
+
+def _impl_for(t: Tensor) -> _Impl:
+    # The choice depends only on the forced backend and the device type (what is built does not change
+    # within a process), so it is made once per pair: a sampler calls this op thousands of times.
+    key = (_backend.forced_backend(), t.device.type)
+    impl = _chosen.get(key)
+    if impl is None:
+        impl = _impl(_backend.select(OP, t.device, cpp_op="langevin_step_update", cuda_order=PREFERRED_CUDA))
+        _chosen[key] = impl
+    return impl
+
+
+@torch.library.custom_op("fastscore::langevin_step_update", mutates_args=("x", "x_mean"))
+def _update_op(
+    x: Tensor,
+    score: Tensor,
+    coef: Tensor,
+    noise: Tensor | None,
+    seed: int,
+    counter: int,
+    sample_offset: int,
+    mask: Tensor | None,
+    known: Tensor | None,
+    x_mean: Tensor | None,
+) -> None:
+    _impl_for(x).update(x, score, coef, noise, seed, counter, sample_offset, mask, known, x_mean)
+
+
+@_update_op.register_fake
+def _(x, score, coef, noise, seed, counter, sample_offset, mask, known, x_mean):
+    return None
+
+
+@torch.library.custom_op("fastscore::langevin_step_norms", mutates_args=())
+def _norms_op(score: Tensor, noise: Tensor | None, seed: int, counter: int, sample_offset: int) -> Tensor:
+    return _impl_for(score).norms(score, noise, seed, counter, sample_offset)
+
+
+@_norms_op.register_fake
+def _(score, noise, seed, counter, sample_offset):
+    return score.new_empty((score.shape[0], 2), dtype=torch.float64)
+
+
+@torch.library.custom_op("fastscore::langevin_step_randn", mutates_args=("out",))
+def _randn_op(out: Tensor, seed: int, counter: int, sample_offset: int) -> None:
+    _impl_for(out).randn(out, seed, counter, sample_offset)
+
+
+@_randn_op.register_fake
+def _(out, seed, counter, sample_offset):
+    return None
+
+
+# In eager mode the public functions call the chosen implementation directly: the custom-op wrapper costs
+# tens of microseconds per call (argument normalisation, mutation bookkeeping), a large share of a step on a
+# (64, 3, 32, 32) batch. Under torch.compile they go through the custom ops, which the compiler can trace.
+
+
+def _update(x, score, coef, noise, seed, counter, sample_offset, mask, known, x_mean) -> None:
+    if torch.compiler.is_compiling():
+        torch.ops.fastscore.langevin_step_update(
+            x, score, coef, noise, seed, counter, sample_offset, mask, known, x_mean
+        )
+    else:
+        _impl_for(x).update(x, score, coef, noise, seed, counter, sample_offset, mask, known, x_mean)
+
+
+def _norms(score, noise, seed, counter, sample_offset) -> Tensor:
+    if torch.compiler.is_compiling():
+        return torch.ops.fastscore.langevin_step_norms(score, noise, seed, counter, sample_offset)
+    return _impl_for(score).norms(score, noise, seed, counter, sample_offset)
+
+
+def _randn(out, seed, counter, sample_offset) -> None:
+    if torch.compiler.is_compiling():
+        torch.ops.fastscore.langevin_step_randn(out, seed, counter, sample_offset)
+    else:
+        _impl_for(out).randn(out, seed, counter, sample_offset)
+
+
+# ---- 4. public functions ----------------------------------------------------------------------------------
+
+_U64 = 1 << 64
+
+
+def _draw_seed() -> int:
+    """A 63-bit seed from torch's default CPU generator (so torch.manual_seed makes runs reproducible)."""
+    return int(torch.randint(2**63 - 1, (), dtype=torch.int64).item())
+
+
+def _integer(v, name: str, low: int, high: int) -> int:
+    """v as a Python int in [low, high), else a clear error naming it."""
+    if isinstance(v, bool) or isinstance(v, Tensor):
+        raise TypeError(f"{name}: expected an integer, got {type(v).__name__}")
+    try:
+        v = operator.index(v)
+    except TypeError:
+        raise TypeError(f"{name}: expected an integer, got {type(v).__name__}") from None
+    if not low <= v < high:
+        raise ValueError(f"{name}: expected an integer in [{low}, {high}), got {v}")
+    return v
+
+
+def _key(seed, counter, sample_offset, N: int, D: int, draw: bool = True) -> tuple[int, int, int]:
+    """Validated (seed, counter, sample_offset), seed drawn when None (0 when ``draw`` is False: the noise is
+    given, the seed unused); seed and counter wrapped to int64."""
+    if seed is None:
+        seed = _draw_seed() if draw else 0
+    else:
+        seed = _integer(seed, "seed", 0, _U64)
+    counter = _integer(counter, "counter", 0, _U64)
+    sample_offset = _integer(sample_offset, "sample_offset", 0, 2**63)
+    if (sample_offset + N) * D > _U64:
+        raise ValueError(
+            f"sample_offset: the global element index (sample_offset + N) * D = {(sample_offset + N) * D} exceeds 2^64"
+        )
+    return _wrap(seed), _wrap(counter), sample_offset
+
+
+def _value_checks() -> bool:
+    # Checks that read tensor values (a device sync) are skipped while torch.compile traces.
+    return not torch.compiler.is_compiling()
+
+
+def _layout_of_x(x: Tensor, name: str) -> torch.memory_format:
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    raise ValueError(
+        f"{name}: expected a contiguous or channels_last tensor (it is updated in place, so it is never "
+        f"copied), got strides {tuple(x.stride())} for shape {tuple(x.shape)}"
+    )
+
+
+def _state(x, name: str = "x") -> torch.memory_format:
+    _checks.floating(_checks.tensor(x, name), name)
+    if x.dim() < 1:
+        raise ValueError(f"{name}: expected a tensor of shape (N, ...), got a 0-d tensor")
+    return _layout_of_x(x, name)
+
+
+def _like_x(t, name: str, x: Tensor, fmt: torch.memory_format) -> Tensor:
+    """t checked to be x's shape, dtype and device, in x's layout (a copy when it is not)."""
+    _checks.floating(_checks.tensor(t, name), name)
+    if t.shape != x.shape:
+        raise ValueError(f"{name}: expected shape {tuple(x.shape)} (as x), got {tuple(t.shape)}")
+    if t.dtype != x.dtype:
+        raise TypeError(f"{name}: expected dtype {x.dtype} (as x), got {t.dtype}")
+    _checks.same_device(t, name, x)
+    return t if t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt)
+
+
+def _no_grad_needed(name: str, *tensors) -> None:
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise ValueError(
+            f"{name} is a sampler update and is not differentiable, but an input requires grad: call it under "
+            "torch.no_grad()"
+        )
+
+
+def _per_sample(v, name: str, x: Tensor, *, nonneg: bool) -> object:
+    """A float, or an (N,) (or 0-d) float tensor on x's device; checked >= 0 when nonneg."""
+    N = x.shape[0]
+    if isinstance(v, Tensor):
+        _checks.floating(v, name)
+        if v.shape not in ((N,), ()):
+            raise ValueError(
+                f"{name}: expected a float or a tensor of shape ({N},) (one per sample), got shape {tuple(v.shape)}"
+            )
+        _checks.same_device(v, name, x)
+        if _value_checks():
+            ok = (v >= 0).all() if nonneg else torch.isfinite(v).all()
+            if not bool(ok):
+                raise ValueError(f"{name}: expected {'non-negative' if nonneg else 'finite'} values, got {v.tolist()}")
+        return v.detach()
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name}: expected a float or a tensor of shape ({N},), got {type(v).__name__}")
+    v = float(v)
+    if not math.isfinite(v) or (nonneg and v < 0):
+        raise ValueError(f"{name}: expected a {'non-negative ' if nonneg else ''}finite number, got {v}")
+    return v
+
+
+def _mask_known(mask, known, x: Tensor, fmt: torch.memory_format):
+    """mask, known as (1 or N, ...) tensors in x's dtype and layout (copied only when needed)."""
+    if mask is None and known is None:
+        return None, None
+    if mask is None:
+        raise ValueError("known: given without mask (x = mask * known + (1 - mask) * x needs both)")
+    if known is None:
+        raise ValueError("mask: given without known (x = mask * known + (1 - mask) * x needs both)")
+    out = []
+    for t, name in ((mask, "mask"), (known, "known")):
+        _checks.tensor(t, name)
+        if t.dtype != torch.bool:
+            _checks.floating(t, name)
+        _checks.same_device(t, name, x)
+        try:
+            full = torch.broadcast_to(t, x.shape)
+        except RuntimeError:
+            raise ValueError(f"{name}: shape {tuple(t.shape)} does not broadcast to x's {tuple(x.shape)}") from None
+        shared = x.shape[0] == 1 or full.stride(0) == 0
+        rows = full[:1] if shared else full
+        out.append(rows.to(x.dtype).contiguous(memory_format=fmt))
+    if _value_checks() and mask.dtype != torch.bool and not bool(((mask >= 0) & (mask <= 1)).all()):
+        raise ValueError("mask: expected values in [0, 1]")
+    return out[0], out[1]
+
+
+def _x_mean_out(x_mean, x: Tensor) -> Tensor | None:
+    if x_mean is None:
+        return None
+    _checks.output(x_mean, x, "x_mean")
+    if x_mean.data_ptr() == x.data_ptr() and x.numel():
+        raise ValueError("x_mean: expected a tensor other than x (x is updated in place)")
+    return x_mean
+
+
+def counter_randn(
+    shape,
+    *,
+    seed: int | None,
+    counter: int = 0,
+    sample_offset: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """Standard normal noise from the counter-based generator the Langevin kernels use (a new tensor).
+
+    ``shape`` (N, ...): element (n, i) is the normal of global element ``(sample_offset + n) * D + i``
+    (D = prod(shape[1:]), i row-major within the sample) under ``(seed, counter)``: see
+    :func:`counter_randn_ref` for the layout and csrc/include/langevin_step_math.h for the arithmetic. So
+    ``counter_randn(shape, seed=s, counter=c)[k]`` is the noise ``langevin_step_(..., seed=s, counter=c)``
+    adds to sample k, in any batch (shift by ``sample_offset``), on any backend, bitwise. The normals are
+    float32 values, converted to ``dtype``. ``seed`` (0 <= seed < 2^64) and ``counter`` (0 <= counter <
+    2^64) are integers; ``seed=None`` draws one from torch's default generator.
+    """
+    if isinstance(shape, int):
+        shape = (shape,)
+    try:
+        shape = tuple(operator.index(s) for s in shape)
+    except TypeError:
+        raise TypeError(f"shape: expected a sequence of integers, got {shape!r}") from None
+    if len(shape) < 1 or any(s < 0 for s in shape):
+        raise ValueError(f"shape: expected (N, ...) with non-negative sizes, got {shape}")
+    if dtype not in _checks.FLOAT_DTYPES:
+        raise TypeError(f"dtype: expected float16, bfloat16, float32 or float64, got {dtype}")
+    seed, counter, sample_offset = _key(seed, counter, sample_offset, shape[0], math.prod(shape[1:]))
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if out.numel():
+        _randn(out, seed, counter, sample_offset)
+    return out
+
+
+def langevin_step_(
+    x: Tensor,
+    score: Tensor,
+    step_size,
+    *,
+    noise: Tensor | None = None,
+    seed: int | None = None,
+    counter: int = 0,
+    mask: Tensor | None = None,
+    known: Tensor | None = None,
+    sample_offset: int = 0,
+) -> Tensor:
+    r"""One Langevin step, in place, with the noise generated inside the kernel; returns x.
+
+    .. math::
+        x \leftarrow x + \epsilon\, s + \sqrt{2 \epsilon}\, z, \qquad
+        x \leftarrow m \odot k + (1 - m) \odot x \ \text{(when a mask is given)}
+
+    - ``x`` (updated in place), ``score``: the same shape (N, ...) -- images (N, C, H, W) or vectors
+      (N, D) -- and dtype (float16, bfloat16, float32, float64; arithmetic in float32, float64 for
+      float64). x must be contiguous or channels_last (it is never copied); a ``score`` (or ``noise``) in
+      another layout is copied into x's.
+    - ``step_size`` :math:`\epsilon \ge 0`: a float, or an (N,) tensor (one step per sample).
+    - ``z``: ``noise`` when given (x's shape and dtype; the result then equals :func:`langevin_step_ref`
+      up to float rounding), else generated from ``(seed, counter)`` and each element's global index
+      ``(sample_offset + n) * D + i``: exactly ``counter_randn(x.shape, seed=seed, counter=counter,
+      sample_offset=sample_offset)``, bitwise the same on every backend and run, and for sample n
+      independent of the batch it is in (``sample_offset`` names a shard's first sample). Use a new
+      ``counter`` (e.g. the step index) for every step of a chain. ``seed=None`` draws a 63-bit seed from
+      torch's default CPU generator, so ``torch.manual_seed`` makes runs reproducible.
+    - ``mask``, ``known``: both or neither; broadcastable to x (e.g. (1, C, H, W) or (N, 1, H, W)), mask
+      values in [0, 1] (or bool), both read in x's dtype: the inpainting update of ncsn / ncsnv2.
+
+    Not differentiable: a sampler update, run it under ``torch.no_grad()`` (an input that requires grad
+    in grad mode is an error). Every argument is checked before x is touched.
+    """
+    fmt = _state(x)
+    score = _like_x(score, "score", x, fmt)
+    _no_grad_needed("langevin_step_", x, score, noise)
+    step_size = _per_sample(step_size, "step_size", x, nonneg=True)
+    if noise is not None:
+        noise = _like_x(noise, "noise", x, fmt)
+    mask, known = _mask_known(mask, known, x, fmt)
+    N = x.shape[0]
+    seed, counter, sample_offset = _key(seed, counter, sample_offset, N, math.prod(x.shape[1:]), noise is None)
+    if x.numel() == 0:
+        return x
+    coef = _langevin_coef(step_size, N, acc_dtype(x.dtype), x.device)
+    _update(x, score, coef, noise, seed, counter, sample_offset, mask, known, None)
+    return x
+
+
+def langevin_corrector_step_(
+    x: Tensor,
+    score: Tensor,
+    snr,
+    *,
+    alpha=1.0,
+    per_sample: bool = True,
+    noise: Tensor | None = None,
+    seed: int | None = None,
+    counter: int = 0,
+    sample_offset: int = 0,
+    x_mean: Tensor | None = None,
+) -> Tensor:
+    r"""score_sde's Langevin corrector step, in place: one reduction pass and one update pass; returns x.
+
+    .. math::
+        \epsilon = 2 \alpha \left(\frac{\mathrm{snr}\,\|z\|}{\|g\|}\right)^2, \quad
+        x_{mean} = x + \epsilon g, \quad x \leftarrow x_{mean} + \sqrt{2\epsilon}\, z
+
+    with :math:`\|g\|`, :math:`\|z\|` the L2 norms of each sample's score and noise over all non-batch
+    dims. ``per_sample=True`` (the default) gives each sample its own step; ``per_sample=False``
+    reproduces score_sde's ``LangevinCorrector``, which uses the **batch means** of the norms (one step
+    for the whole batch, so a sample's update depends on its batch). ``snr`` > 0 and ``alpha`` (score_sde's
+    :math:`\alpha_i = 1 - \beta_i` for VP / sub-VP SDEs, 1 for VE) are floats or (N,) tensors.
+
+    The noise is regenerated from ``(seed, counter)`` in both passes (never stored), as in
+    :func:`langevin_step_`, or read from ``noise``. ``x_mean``: a preallocated tensor (x's shape, dtype
+    and layout) that receives :math:`x + \epsilon g` (the corrector's ``x_mean``). Norms and
+    :math:`\epsilon` in float64. A sample with :math:`\|g\| = 0` gets an infinite step, as in score_sde.
+    Shapes, dtypes, layouts and the no-grad rule as :func:`langevin_step_`.
+    """
+    fmt = _state(x)
+    score = _like_x(score, "score", x, fmt)
+    _no_grad_needed("langevin_corrector_step_", x, score, noise)
+    snr = _per_sample(snr, "snr", x, nonneg=True)
+    alpha = _per_sample(alpha, "alpha", x, nonneg=True)
+    if not isinstance(per_sample, bool):
+        raise TypeError(f"per_sample: expected a bool, got {type(per_sample).__name__}")
+    if noise is not None:
+        noise = _like_x(noise, "noise", x, fmt)
+    x_mean = _x_mean_out(x_mean, x)
+    N = x.shape[0]
+    seed, counter, sample_offset = _key(seed, counter, sample_offset, N, math.prod(x.shape[1:]), noise is None)
+    if x.numel() == 0:
+        return x
+    sums = _norms(score, noise, seed, counter, sample_offset)
+    coef = _corrector_coef(sums, snr, alpha, per_sample, acc_dtype(x.dtype))
+    _update(x, score, coef, noise, seed, counter, sample_offset, None, None, x_mean)
+    return x
+
+
+def sde_update_(
+    x: Tensor,
+    score: Tensor,
+    *,
+    x_scale=1.0,
+    score_scale,
+    noise_scale,
+    x_mean: Tensor | None = None,
+    noise: Tensor | None = None,
+    seed: int | None = None,
+    counter: int = 0,
+    sample_offset: int = 0,
+) -> Tensor:
+    r"""The reverse-SDE predictor update, in place: :math:`x_{mean} = a x + b s`, :math:`x \leftarrow
+    x_{mean} + c z`; returns x.
+
+    ``x_scale`` a, ``score_scale`` b, ``noise_scale`` c: floats or (N,) tensors (per sample, e.g. at
+    per-sample times). ``x_mean``: a preallocated tensor (x's shape, dtype, layout) that receives
+    :math:`x_{mean}` (score_sde's predictors return it; the PC sampler's denoised output is the last one).
+    Noise, shapes, dtypes, layouts and the no-grad rule as :func:`langevin_step_`.
+
+    score_sde's predictors (reference/ncsn_reference.md §5.3, :math:`\Delta t = 1/N`, time index i of t,
+    :math:`\sigma_{-1} = 0`) map onto it as:
+
+    ==========================  ======================  ====================  ==============================
+    predictor                   a (``x_scale``)         b (``score_scale``)   c (``noise_scale``)
+    ==========================  ======================  ====================  ==============================
+    Euler-Maruyama, VE          1                       g(t)^2 dt             g(t) sqrt(dt)
+    Euler-Maruyama, VP, sub-VP  1 + beta(t) dt / 2      g(t)^2 dt             g(t) sqrt(dt)
+    reverse diffusion, VE       1                       s_i^2 - s_{i-1}^2     sqrt(s_i^2 - s_{i-1}^2)
+    reverse diffusion, VP       2 - sqrt(1 - beta_i)    beta_i                sqrt(beta_i)
+    reverse diffusion, other    1 - f_a dt              g(t)^2 dt             g(t) sqrt(dt)
+    ancestral, VE               1                       s_i^2 - s_{i-1}^2     sqrt(s_{i-1}^2 (1 - r_i))
+    ancestral, VP               1 / sqrt(1 - beta_i)    beta_i a              sqrt(beta_i)
+    ==========================  ======================  ====================  ==============================
+
+    where g(t) is the SDE's diffusion (VE: :math:`\sigma(t)\sqrt{2 \ln(\sigma_{max}/\sigma_{min})}`; VP:
+    :math:`\sqrt{\beta(t)}`; sub-VP: :math:`\sqrt{\beta(t)(1 - e^{-2\beta_0 t - (\beta_1-\beta_0)t^2})}`),
+    ``s_i`` the discrete sigmas (:math:`r_i = s_{i-1}^2 / s_i^2`), ``beta_i`` the discrete betas, and for
+    the generic reverse diffusion a drift ``f(x, t) = f_a(t) x`` discretised as ``f dt`` (score_sde's base
+    ``discretize``). The probability flow ODE's Euler step is b halved and c = 0. These are score_sde's
+    updates up to the order of rounding (its ancestral VP predictor divides after the sum).
+    """
+    fmt = _state(x)
+    score = _like_x(score, "score", x, fmt)
+    _no_grad_needed("sde_update_", x, score, noise)
+    a = _per_sample(x_scale, "x_scale", x, nonneg=False)
+    b = _per_sample(score_scale, "score_scale", x, nonneg=False)
+    c = _per_sample(noise_scale, "noise_scale", x, nonneg=False)
+    if noise is not None:
+        noise = _like_x(noise, "noise", x, fmt)
+    x_mean = _x_mean_out(x_mean, x)
+    N = x.shape[0]
+    seed, counter, sample_offset = _key(seed, counter, sample_offset, N, math.prod(x.shape[1:]), noise is None)
+    if x.numel() == 0:
+        return x
+    coef = _sde_coef(a, b, c, N, acc_dtype(x.dtype), x.device)
+    _update(x, score, coef, noise, seed, counter, sample_offset, None, None, x_mean)
+    return x
