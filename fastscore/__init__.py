@@ -8,10 +8,12 @@ import torch  # noqa: F401  (must precede fastscore._C)
 
 __version__ = "0.1.0"
 
+from fastscore import models  # noqa: E402
 from fastscore import nn  # noqa: E402
 from fastscore import ops  # noqa: E402
 from fastscore._backend import BackendUnavailableError  # noqa: E402
 from fastscore._backend import backends  # noqa: E402
 from fastscore._backend import use_backend  # noqa: E402
+from fastscore.patch import patch  # noqa: E402
 
-__all__ = ["__version__", "backends", "use_backend", "BackendUnavailableError", "nn", "ops"]
+__all__ = ["__version__", "backends", "use_backend", "BackendUnavailableError", "nn", "ops", "patch", "models"]

@@ -1,0 +1,349 @@
+"""Fused NCSN / NCSNv2 blocks: drop-in for ncsnv2's ``models/layers.py`` (and ncsn's blocks).
+
+Each class has the name, constructor arguments, attribute names, sub-module registration order, state_dict
+keys and init RNG consumption of its twin in :mod:`fastscore.nn.reference` (it subclasses it: the
+construction code is shared, only ``forward`` and the choice of normaliser differ), so checkpoints and
+optimizer states of the originals load unchanged. What is fused, and why it does not change results
+beyond floating-point rounding:
+
+* **norm -> ELU.** In the residual blocks, the conditional RCU blocks and the models' final
+  ``normalizer -> act``, an InstanceNorm++ / conditional instance norm (the fastscore.nn classes) followed
+  by ``nn.ELU(alpha=1)`` runs as one call of the norm built with ``act="elu"`` (one statistics pass and
+  one apply pass, no separate ELU pass). Any other norm or activation runs as norm, then act.
+* **CRP pooling** (5x5, stride 1, padding 2: max in CRPBlock, count_include_pad average in CondCRPBlock)
+  runs on :func:`fastscore.ops.crp_pool`.
+* **Residual adds and sums in place** where the tensor written is a fresh intermediate no backward
+  formula reads (a convolution's or an interpolation's output, a running sum): ``shortcut(x) + o``,
+  the CRP and MSF accumulations, the 2x2 mean pool's four-phase sum (kept in the originals' order
+  ``((A + B) + C) + D``, then ``/ 4``, so it is bitwise the original's). An add whose result dtype would
+  differ from the written tensor's (mixed dtypes under autocast) stays out of place.
+* **ELU in place** on a convolution's output inside RCUBlock (the convolution's backward does not read
+  its output).
+* **2x2 mean pooling** (ConvMeanPool, MeanPoolConv) sums its four phases into one buffer, and its
+  backward hands ``grad / 4`` to each phase in one pass instead of autograd's four zero-filled
+  full-size slice gradients (bitwise the same gradient; see :func:`mean_pool_2x2`).
+* **MSF** skips the bilinear resize when the input already has the output size (an exact identity with
+  align_corners=True) and sums into its first term instead of a zero buffer. Deviation, documented: the
+  sum has the activations' dtype, where the originals allocate it in the *default* dtype (which breaks
+  ``.double()`` / ``.half()`` / bfloat16 models: spec §7.8). In float32 nothing changes.
+
+Memory layout: nothing here converts layouts; given channels_last activations every block returns
+channels_last (the convolutions, the norms, the pooling and the in-place adds all keep it).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastscore.nn import normalization as _norms
+from fastscore.nn import reference as _ref
+from fastscore.nn.reference import get_act
+from fastscore.ops.crp_pool import crp_pool
+
+get_normalization = _norms.get_normalization
+
+__all__ = [
+    "ConvMeanPool",
+    "MeanPoolConv",
+    "UpsampleConv",
+    "ConditionalResidualBlock",
+    "ResidualBlock",
+    "CondRCUBlock",
+    "RCUBlock",
+    "CondCRPBlock",
+    "CRPBlock",
+    "CondMSFBlock",
+    "MSFBlock",
+    "CondRefineBlock",
+    "RefineBlock",
+    "get_normalization",
+    "get_act",
+    "build_norm",
+    "norm_act",
+    "is_plain_elu",
+]
+
+# The normalisers that can apply the ELU that follows them (the `act="elu"` of fastscore.nn).
+FUSABLE_NORMS = (_norms.ConditionalInstanceNorm2dPlus, _norms.InstanceNorm2dPlus, _norms.ConditionalInstanceNorm2d)
+
+
+# ---- norm -> act -----------------------------------------------------------------------------------
+
+
+def is_plain_elu(act) -> bool:
+    """True for ``nn.ELU`` with alpha 1 (what ncsn / ncsnv2 use): the activation the norms can fuse."""
+    return isinstance(act, nn.ELU) and float(act.alpha) == 1.0
+
+
+def build_norm(normalization, act, *args, **kwargs):
+    """``normalization(*args, **kwargs)``, built with ``act="elu"`` when it can apply ``act`` itself."""
+    if isinstance(normalization, type) and issubclass(normalization, FUSABLE_NORMS) and is_plain_elu(act):
+        return normalization(*args, act="elu", **kwargs)
+    return normalization(*args, **kwargs)
+
+
+def norm_act(norm: nn.Module, act, x: Tensor, *y: Tensor) -> Tensor:
+    """``act(norm(x, *y))``: one call when the norm carries the ELU (``norm.act == "elu"``)."""
+    if getattr(norm, "act", None) == "elu":
+        if not is_plain_elu(act):
+            raise RuntimeError(
+                f"{type(norm).__name__} applies an ELU itself (act='elu') but the block's activation is {act!r}; "
+                "rebuild the block (or fastscore.patch the model again) after changing its activation"
+            )
+        return norm(x, *y)
+    return act(norm(x, *y))
+
+
+# ---- in-place helpers --------------------------------------------------------------------------------
+
+
+def _add_into(acc: Tensor, other: Tensor) -> Tensor:
+    """``acc + other``, written into ``acc`` (a fresh intermediate) when that changes nothing but the memory."""
+    if acc.shape == other.shape and torch.result_type(acc, other) == acc.dtype:
+        return acc.add_(other)
+    return other + acc
+
+
+def _mean_pool_2x2_forward(output: Tensor) -> Tensor:
+    out = output[:, :, ::2, ::2] + output[:, :, 1::2, ::2]
+    out += output[:, :, ::2, 1::2]
+    out += output[:, :, 1::2, 1::2]
+    return out.div_(4.0)
+
+
+class _MeanPool2x2(torch.autograd.Function):
+    """Forward in the originals' order; backward ``grad / 4`` to each of the four phases in one pass.
+
+    Autograd through the four strided slices would zero-fill a full-size gradient per slice and add
+    them up (4 fills, 4 scatters, 3 adds); the gradient is the same bitwise: every input element
+    receives exactly ``grad / 4`` (a division by a power of two), here as a nearest 2x upsampling.
+    The backward is made of differentiable ops (double backward works), the jvp is the pooling itself.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(output):
+        return _mean_pool_2x2_forward(output)
+
+    @staticmethod
+    def setup_context(ctx, inputs, result):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return F.interpolate(grad / 4.0, scale_factor=2, mode="nearest")
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        return _mean_pool_2x2_forward(tangent)
+
+
+def mean_pool_2x2(output: Tensor) -> Tensor:
+    """2x2 mean pooling, bitwise the originals' ``(((A + B) + C) + D) / 4``, with one allocation.
+
+    Like the originals it needs even H and W (an odd size fails on the mismatched phase shapes).
+    Under autograd the backward is one pass (:class:`_MeanPool2x2`); while compiling, the plain ops
+    (torch.compile differentiates and fuses them itself).
+    """
+    even = output.shape[-2] % 2 == 0 and output.shape[-1] % 2 == 0
+    if even and output.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        return _MeanPool2x2.apply(output)
+    return _mean_pool_2x2_forward(output)
+
+
+def _is(value, expected) -> bool:
+    return value == expected or value == (expected, expected)
+
+
+def crp_pool_mode(pool: nn.Module) -> str | None:
+    """The crp_pool mode ("max" / "avg") if ``pool`` is the RefineNet 5x5 stride-1 pad-2 pooling, else None."""
+    if type(pool) not in (nn.MaxPool2d, nn.AvgPool2d):
+        return None
+    if not (_is(pool.kernel_size, 5) and _is(pool.stride, 1) and _is(pool.padding, 2)) or pool.ceil_mode:
+        return None
+    if type(pool) is nn.MaxPool2d:
+        return "max" if _is(pool.dilation, 1) and not pool.return_indices else None
+    return "avg" if pool.count_include_pad and pool.divisor_override is None else None
+
+
+def _pool(pool: nn.Module, x: Tensor) -> Tensor:
+    mode = crp_pool_mode(pool)
+    return pool(x) if mode is None else crp_pool(x, mode=mode)
+
+
+@functools.cache
+def _rcu_names(n_blocks: int, n_stages: int, with_norm: bool) -> tuple:
+    return tuple(
+        tuple((f"{i + 1}_{j + 1}_norm" if with_norm else None, f"{i + 1}_{j + 1}_conv") for j in range(n_stages))
+        for i in range(n_blocks)
+    )
+
+
+# ---- resampling convs --------------------------------------------------------------------------------
+
+
+class ConvMeanPool(_ref.ConvMeanPool):
+    """Convolution then 2x2 mean pooling (bitwise the original's sum order, one allocation)."""
+
+    def forward(self, inputs):
+        return mean_pool_2x2(self.conv(inputs))
+
+
+class MeanPoolConv(_ref.MeanPoolConv):
+    """2x2 mean pooling then convolution."""
+
+    def forward(self, inputs):
+        return self.conv(mean_pool_2x2(inputs))
+
+
+class UpsampleConv(_ref.UpsampleConv):
+    """Four copies, PixelShuffle(2), convolution: as the original (unused by the models)."""
+
+
+# ---- residual blocks ------------------------------------------------------------------------------------
+
+
+class ConditionalResidualBlock(_ref.ConditionalResidualBlock):
+    """Residual block with conditional norms; norm -> ELU fused, shortcut added in place."""
+
+    _ConvMeanPool = ConvMeanPool
+    _build_norm = staticmethod(build_norm)
+
+    def forward(self, x, y):
+        h = self.conv1(norm_act(self.normalize1, self.non_linearity, x, y))
+        h = self.conv2(norm_act(self.normalize2, self.non_linearity, h, y))
+        if self.output_dim == self.input_dim and self.resample is None:
+            return _add_into(h, x)
+        return _add_into(h, self.shortcut(x))
+
+
+class ResidualBlock(_ref.ResidualBlock):
+    """Residual block with unconditional norms; norm -> ELU fused, shortcut added in place."""
+
+    _ConvMeanPool = ConvMeanPool
+    _build_norm = staticmethod(build_norm)
+
+    def forward(self, x):
+        h = self.conv1(norm_act(self.normalize1, self.non_linearity, x))
+        h = self.conv2(norm_act(self.normalize2, self.non_linearity, h))
+        if self.output_dim == self.input_dim and self.resample is None:
+            return _add_into(h, x)
+        return _add_into(h, self.shortcut(x))
+
+
+# ---- RefineNet blocks ---------------------------------------------------------------------------------
+
+
+class CondRCUBlock(_ref.CondRCUBlock):
+    """Residual conv units with conditional norms; norm -> ELU fused."""
+
+    _build_norm = staticmethod(build_norm)
+
+    def forward(self, x, y):
+        for stages in _rcu_names(self.n_blocks, self.n_stages, True):
+            residual = x
+            for norm, conv in stages:
+                x = getattr(self, conv)(norm_act(getattr(self, norm), self.act, x, y))
+            x += residual
+        return x
+
+
+class RCUBlock(_ref.RCUBlock):
+    """Residual conv units without norms; the ELU of every stage after the first runs in place on the
+    previous convolution's output."""
+
+    def forward(self, x):
+        in_place = is_plain_elu(self.act)
+        for stages in _rcu_names(self.n_blocks, self.n_stages, False):
+            residual = x
+            for j, (_, conv) in enumerate(stages):
+                x = F.elu(x, inplace=True) if in_place and j > 0 else self.act(x)
+                x = getattr(self, conv)(x)
+            x += residual
+        return x
+
+
+class CondCRPBlock(_ref.CondCRPBlock):
+    """Chained residual pooling with conditional norms; average pooling on crp_pool, sums in place."""
+
+    def forward(self, x, y):
+        inputs = x
+        x = self.act(x)
+        path = x
+        for i in range(self.n_stages):
+            path = self.convs[i](_pool(self.maxpool, self.norms[i](path, y)))
+            # x is ours to overwrite once it is a running sum, or (without autograd) the act's fresh output.
+            x = _add_into(x, path) if i > 0 or (not torch.is_grad_enabled() and x is not inputs) else path + x
+        return x
+
+
+class CRPBlock(_ref.CRPBlock):
+    """Chained residual pooling; max (or average) pooling on crp_pool, sums in place."""
+
+    def forward(self, x):
+        inputs = x
+        x = self.act(x)
+        path = x
+        for i in range(self.n_stages):
+            path = self.convs[i](_pool(self.maxpool, path))
+            x = _add_into(x, path) if i > 0 or (not torch.is_grad_enabled() and x is not inputs) else path + x
+        return x
+
+
+def _resize(h: Tensor, shape) -> Tensor:
+    if tuple(h.shape[2:]) == tuple(shape):  # bilinear with align_corners=True to the same size: identity
+        return h
+    return F.interpolate(h, size=shape, mode="bilinear", align_corners=True)
+
+
+def _check_msf_inputs(block, xs) -> None:
+    if len(xs) < len(block.convs):
+        raise ValueError(f"xs: {type(block).__name__} fuses {len(block.convs)} inputs, got {len(xs)}")
+
+
+def _fuse(terms, shape) -> Tensor:
+    sums = None
+    for h in terms:
+        h = _resize(h, shape)
+        sums = h if sums is None else _add_into(sums, h)
+    if sums is None:
+        raise ValueError("MSF block without inputs")
+    return sums
+
+
+class CondMSFBlock(_ref.CondMSFBlock):
+    """Multi-resolution fusion with conditional norms; sums in the activations' dtype (see the module doc)."""
+
+    def forward(self, xs, y, shape):
+        _check_msf_inputs(self, xs)
+        return _fuse((conv(norm(x, y)) for conv, norm, x in zip(self.convs, self.norms, xs)), shape)
+
+
+class MSFBlock(_ref.MSFBlock):
+    """Multi-resolution fusion; sums in the activations' dtype (see the module doc)."""
+
+    def forward(self, xs, shape):
+        _check_msf_inputs(self, xs)
+        return _fuse((conv(x) for conv, x in zip(self.convs, xs)), shape)
+
+
+class CondRefineBlock(_ref.CondRefineBlock):
+    """RefineNet block with conditional norms, built from the fused RCU / MSF / CRP blocks."""
+
+    _RCU = CondRCUBlock
+    _MSF = CondMSFBlock
+    _CRP = CondCRPBlock
+
+
+class RefineBlock(_ref.RefineBlock):
+    """RefineNet block without norms, built from the fused RCU / MSF / CRP blocks."""
+
+    _RCU = RCUBlock
+    _MSF = MSFBlock
+    _CRP = CRPBlock

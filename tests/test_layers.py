@@ -1,0 +1,433 @@
+"""fastscore.nn's fused RefineNet blocks against their plain-PyTorch twins in fastscore.nn.reference.
+
+Every block is built twice under the same seed, once from each namespace (the fused one with the fused
+normalisers of fastscore.nn, the reference one with the reference normalisers), and must match on:
+state_dict keys, order and shapes, module tree, initial values (which pins the init RNG consumption),
+outputs and every gradient on odd shapes, in float32 and float64. Also checked: the fused blocks keep
+channels_last activations channels_last, run under bfloat16 autocast close to float32, fold the ELU into
+the norm only where that is exact (ELU with alpha 1 after an InstanceNorm++ / conditional instance norm),
+and reproduce the originals' quirks (dilated "down" blocks keep the resolution; adjust_padding 7 -> 4;
+average pooling in the conditional CRP, max in the unconditional one; ConvMeanPool's sum order).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fastscore
+import fastscore.nn as fsnn
+from fastscore.nn import layers as fused_ns
+from fastscore.nn import reference as ref_ns
+
+C, L = 6, 4
+B = 2
+LABELS = torch.tensor([3, 1])
+
+
+def norms(ns, conditional=True):
+    """The InstanceNorm++ class of a namespace (fused: fastscore.nn's, reference: plain PyTorch)."""
+    src = fsnn if ns is fused_ns else ref_ns
+    return src.ConditionalInstanceNorm2dPlus if conditional else src.InstanceNorm2dPlus
+
+
+# Each case: (id, builder(ns) -> module, input shapes, kind) with kind in
+# "cx" (x, y), "x" (x), "cxs" (xs, y, shape), "xs" (xs, shape).
+CASES = [
+    (
+        "condres-same",
+        lambda ns: ns.ConditionalResidualBlock(C, C, L, act=nn.ELU(), normalization=norms(ns)),
+        [(B, C, 7, 9)],
+        "cx",
+    ),
+    (
+        "condres-down",
+        lambda ns: ns.ConditionalResidualBlock(C, 2 * C, L, "down", nn.ELU(), norms(ns)),
+        [(B, C, 8, 10)],
+        "cx",
+    ),
+    (
+        "condres-down-adjust-7to4",
+        lambda ns: ns.ConditionalResidualBlock(C, 2 * C, L, "down", nn.ELU(), norms(ns), adjust_padding=True),
+        [(B, C, 7, 7)],
+        "cx",
+    ),
+    (
+        "condres-down-dilated-keeps-size",
+        lambda ns: ns.ConditionalResidualBlock(C, 2 * C, L, "down", nn.ELU(), norms(ns), dilation=2),
+        [(B, C, 7, 9)],
+        "cx",
+    ),
+    (
+        "condres-dilated-adjust-ignored",
+        lambda ns: ns.ConditionalResidualBlock(C, C, L, "down", nn.ELU(), norms(ns), adjust_padding=True, dilation=4),
+        [(B, C, 7, 9)],
+        "cx",
+    ),
+    ("res-same", lambda ns: ns.ResidualBlock(C, C, act=nn.ELU(), normalization=norms(ns, False)), [(B, C, 7, 9)], "x"),
+    (
+        "res-widen-conv1x1",
+        lambda ns: ns.ResidualBlock(C, 2 * C, act=nn.ELU(), normalization=norms(ns, False)),
+        [(B, C, 5, 3)],
+        "x",
+    ),
+    ("res-down", lambda ns: ns.ResidualBlock(C, 2 * C, "down", nn.ELU(), norms(ns, False)), [(B, C, 6, 10)], "x"),
+    (
+        "res-down-adjust-7to4",
+        lambda ns: ns.ResidualBlock(C, 2 * C, "down", nn.ELU(), norms(ns, False), adjust_padding=True),
+        [(B, C, 7, 7)],
+        "x",
+    ),
+    (
+        "res-down-dilated",
+        lambda ns: ns.ResidualBlock(C, C, "down", nn.ELU(), norms(ns, False), dilation=2),
+        [(B, C, 9, 7)],
+        "x",
+    ),
+    ("res-relu-plain-instancenorm", lambda ns: ns.ResidualBlock(C, C, act=nn.ReLU()), [(B, C, 5, 7)], "x"),
+    ("condrcu", lambda ns: ns.CondRCUBlock(C, 2, 2, L, norms(ns), nn.ELU()), [(B, C, 7, 9)], "cx"),
+    ("rcu-elu", lambda ns: ns.RCUBlock(C, 2, 2, nn.ELU()), [(B, C, 7, 9)], "x"),
+    ("rcu-relu-3stages", lambda ns: ns.RCUBlock(C, 1, 3, nn.ReLU()), [(B, C, 5, 4)], "x"),
+    ("condcrp-avg", lambda ns: ns.CondCRPBlock(C, 2, L, norms(ns), nn.ELU()), [(B, C, 7, 9)], "cx"),
+    ("crp-max", lambda ns: ns.CRPBlock(C, 2, nn.ELU()), [(B, C, 7, 9)], "x"),
+    ("crp-avg", lambda ns: ns.CRPBlock(C, 2, nn.ELU(), maxpool=False), [(B, C, 7, 9)], "x"),
+    (
+        "condmsf-upsample",
+        lambda ns: ns.CondMSFBlock([C, 2 * C], C, L, norms(ns)),
+        [(B, C, 8, 10), (B, 2 * C, 4, 5)],
+        "cxs",
+    ),
+    ("msf-same-size", lambda ns: ns.MSFBlock([C, C], 2 * C), [(B, C, 7, 9), (B, C, 7, 9)], "xs"),
+    (
+        "condrefine-end",
+        lambda ns: ns.CondRefineBlock([C, 2 * C], C, L, norms(ns), nn.ELU(), end=True),
+        [(B, C, 8, 6), (B, 2 * C, 4, 3)],
+        "cxs",
+    ),
+    (
+        "condrefine-start",
+        lambda ns: ns.CondRefineBlock([C], C, L, norms(ns), nn.ELU(), start=True),
+        [(B, C, 5, 7)],
+        "cxs",
+    ),
+    ("refine", lambda ns: ns.RefineBlock([C, 2 * C], C, nn.ELU()), [(B, C, 8, 6), (B, 2 * C, 4, 3)], "xs"),
+    ("refine-start-end", lambda ns: ns.RefineBlock([C], C, nn.ELU(), start=True, end=True), [(B, C, 5, 7)], "xs"),
+    ("convmeanpool", lambda ns: ns.ConvMeanPool(C, 2 * C), [(B, C, 8, 6)], "x"),
+    ("convmeanpool-adjust-7to4", lambda ns: ns.ConvMeanPool(C, 2 * C, 1, adjust_padding=True), [(B, C, 7, 7)], "x"),
+    ("meanpoolconv", lambda ns: ns.MeanPoolConv(C, 2 * C), [(B, C, 6, 8)], "x"),
+    ("upsampleconv", lambda ns: ns.UpsampleConv(C, 2 * C), [(B, C, 3, 5)], "x"),
+]
+IDS = [c[0] for c in CASES]
+CASE = {c[0]: c for c in CASES}
+
+
+def build_pair(case, *, seed=0, perturb=True):
+    """(fused, reference), built under the same seed; with perturb, identical non-trivial parameters."""
+    _, builder, _, _ = case
+    torch.manual_seed(seed)
+    fused = builder(fused_ns)
+    torch.manual_seed(seed)
+    ref = builder(ref_ns)
+    if perturb:
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in ref.parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+        fused.load_state_dict(ref.state_dict())
+    return fused, ref
+
+
+def make_inputs(shapes, dtype=torch.float32, channels_last=False):
+    gen = torch.Generator().manual_seed(2)
+    xs = []
+    for shape in shapes:
+        x = torch.randn(shape, generator=gen, dtype=torch.float64) * 1.5
+        x = x + 2 * torch.randn(1, shape[1], 1, 1, generator=gen, dtype=torch.float64)  # distinct channel means
+        x = x.to(dtype)
+        xs.append(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+    return xs
+
+
+def call(module, kind, xs):
+    if kind == "cx":
+        return module(xs[0], LABELS)
+    if kind == "x":
+        return module(xs[0])
+    if kind == "cxs":
+        return module(list(xs), LABELS, xs[0].shape[2:])
+    return module(list(xs), xs[0].shape[2:])
+
+
+def assert_close(got, want, rtol, what):
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} vs {tuple(want.shape)}"
+    err = (got.double() - want.double()).abs().max().item()
+    scale = max(1.0, want.abs().max().item())
+    assert err <= rtol * scale, f"{what}: max abs error {err:.3e} > {rtol:.1e} * {scale:.3g}"
+
+
+RTOL = {torch.float32: 2e-5, torch.float64: 1e-11}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors: on a shared 2-core machine, OpenMP barriers waiting for a descheduled second thread
+    # make every op cost a time slice. Both sides of each comparison run under the same setting.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def default_dtype(dtype):
+    # The originals' MSF sums in the default dtype (spec §7.8): float64 reference runs need it set.
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+# ---- structure and init ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_state_dict_module_tree_and_init_match(case):
+    fused, ref = build_pair(case, seed=7, perturb=False)
+    assert type(fused).__name__ == type(ref).__name__
+    assert isinstance(fused, type(ref))  # the fused class shares its twin's constructor
+    assert [(k, tuple(v.shape)) for k, v in fused.state_dict().items()] == [
+        (k, tuple(v.shape)) for k, v in ref.state_dict().items()
+    ]
+    assert [k for k, _ in fused.named_modules()] == [k for k, _ in ref.named_modules()]
+    for (k, a), (_, b) in zip(fused.state_dict().items(), ref.state_dict().items(), strict=True):
+        assert torch.equal(a, b), f"{k} differs at init (RNG consumed in another order?)"
+
+
+def test_every_fused_block_is_exported_and_has_a_twin():
+    for name in fused_ns.__all__:
+        cls = getattr(fused_ns, name)
+        if isinstance(cls, type):
+            assert getattr(fsnn, name) is cls
+            assert issubclass(cls, getattr(ref_ns, name))
+            assert cls is not getattr(ref_ns, name)
+
+
+# ---- forward and gradients --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_forward_and_all_gradients_match_reference(case, dtype):
+    fused, ref = build_pair(case)
+    fused, ref = fused.to(dtype), ref.to(dtype)
+    kind, shapes = case[3], case[2]
+    x0 = make_inputs(shapes, dtype)
+    xf = [x.clone().requires_grad_() for x in x0]
+    xr = [x.clone().requires_grad_() for x in x0]
+    with default_dtype(dtype):
+        out = call(fused, kind, xf)
+        want = call(ref, kind, xr)
+    assert out.dtype == want.dtype == dtype
+    rtol = RTOL[dtype]
+    assert_close(out, want, rtol, "output")
+    grad = torch.randn(want.shape, generator=torch.Generator().manual_seed(3), dtype=dtype)
+    out.backward(grad)
+    want.backward(grad)
+    for i, (a, b) in enumerate(zip(xf, xr)):
+        assert a.grad is not None and a.grad.abs().max() > 0, f"input {i} got no gradient"
+        assert_close(a.grad, b.grad, rtol, f"grad of input {i}")
+    for (k, p), (_, q) in zip(fused.named_parameters(), ref.named_parameters(), strict=True):
+        assert (p.grad is None) == (q.grad is None), k
+        if q.grad is not None:
+            assert_close(p.grad, q.grad, rtol, f"grad {k}")
+    for a, b in zip(x0, xf):
+        assert torch.equal(a, b.detach()), "the block modified its input"
+
+
+@pytest.mark.parametrize("name", ["condres-down", "rcu-elu", "crp-max", "condcrp-avg", "msf-same-size"])
+def test_no_grad_forward_matches_and_leaves_inputs_alone(name):
+    # Without autograd more sums run in place: the results and the inputs must not change.
+    case = CASE[name]
+    fused, ref = build_pair(case)
+    x0 = make_inputs(case[2])
+    xs = [x.clone() for x in x0]
+    with torch.no_grad():
+        out = call(fused, case[3], xs)
+    assert_close(out, call(ref, case[3], x0), RTOL[torch.float32], name)
+    for a, b in zip(x0, xs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["condres-down", "res-down-adjust-7to4", "condrcu", "crp-max", "condmsf-upsample"])
+def test_forced_reference_backend_matches(name):
+    case = CASE[name]
+    fused, ref = build_pair(case)
+    xs = make_inputs(case[2])
+    with fastscore.use_backend("ref"):
+        out = call(fused, case[3], xs)
+    assert_close(out, call(ref, case[3], xs), RTOL[torch.float32], name)
+
+
+# ---- quirks ----------------------------------------------------------------------------------------------------
+
+
+def test_resolutions_dilated_down_keeps_size_and_adjust_padding_7_to_4():
+    x = make_inputs([(B, C, 7, 9)])[0]
+    fused, ref = build_pair(CASE["condres-down-dilated-keeps-size"])
+    assert fused(x, LABELS).shape == ref(x, LABELS).shape == (B, 2 * C, 7, 9)
+    x7 = make_inputs([(B, C, 7, 7)])[0]
+    fused, ref = build_pair(CASE["condres-down-adjust-7to4"])
+    assert fused(x7, LABELS).shape == ref(x7, LABELS).shape == (B, 2 * C, 4, 4)
+    assert "conv2.conv.1.weight" in fused.state_dict() and "shortcut.conv.1.weight" in fused.state_dict()
+    fused, _ = build_pair(CASE["condres-dilated-adjust-ignored"])
+    assert fused(make_inputs([(B, C, 7, 9)])[0], LABELS).shape == (B, C, 7, 9)
+    assert "shortcut.weight" in fused.state_dict()  # a dilated conv, not a ConvMeanPool
+
+
+def test_conv_mean_pool_is_bitwise_the_original_sum_order():
+    fused, ref = build_pair(CASE["convmeanpool"])
+    x = make_inputs([(B, C, 8, 6)])[0]
+    out = fused(x)
+    assert torch.equal(out, ref(x))
+    o = ref.conv(x)
+    a, b, c, d = o[:, :, ::2, ::2], o[:, :, 1::2, ::2], o[:, :, ::2, 1::2], o[:, :, 1::2, 1::2]
+    assert torch.equal(out, (((a + b) + c) + d) / 4)
+    odd = make_inputs([(B, C, 7, 6)])[0]  # odd size without adjust_padding fails in both, as in the originals
+    with pytest.raises(RuntimeError):
+        ref(odd)
+    with pytest.raises(RuntimeError):
+        fused(odd)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_mean_pool_backward_is_bitwise_autograd_through_the_slices_and_twice_differentiable(channels_last):
+    x = make_inputs([(B, C, 6, 8)], torch.float64, channels_last)[0].requires_grad_()
+    xr = x.detach().clone().requires_grad_()
+    out = fused_ns.mean_pool_2x2(x)
+    want = ref_ns.mean_pool_2x2(xr)
+    assert torch.equal(out, want)
+    grad = torch.randn(want.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    grad = grad.contiguous(memory_format=torch.channels_last) if channels_last else grad
+    (gx,) = torch.autograd.grad(out, x, grad, create_graph=True)
+    (gr,) = torch.autograd.grad(want, xr, grad, create_graph=True)
+    assert torch.equal(gx, gr)
+    assert gx.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert torch.autograd.gradgradcheck(fused_ns.mean_pool_2x2, (x,))
+    tangent = torch.randn_like(x)
+    _, jvp = torch.func.jvp(fused_ns.mean_pool_2x2, (x.detach(),), (tangent,))
+    assert torch.equal(jvp, ref_ns.mean_pool_2x2(tangent))
+
+
+def test_crp_pool_modes_follow_the_pool_module():
+    cond, _ = build_pair(CASE["condcrp-avg"])
+    assert isinstance(cond.maxpool, nn.AvgPool2d) and fused_ns.crp_pool_mode(cond.maxpool) == "avg"
+    crp, _ = build_pair(CASE["crp-max"])
+    assert isinstance(crp.maxpool, nn.MaxPool2d) and fused_ns.crp_pool_mode(crp.maxpool) == "max"
+    crp_avg, _ = build_pair(CASE["crp-avg"])
+    assert fused_ns.crp_pool_mode(crp_avg.maxpool) == "avg"
+    assert fused_ns.crp_pool_mode(nn.MaxPool2d(3, 1, 1)) is None  # any other pooling runs as the module itself
+    assert fused_ns.crp_pool_mode(nn.AvgPool2d(5, 1, 2, count_include_pad=False)) is None
+    # A CRP block whose pooling crp_pool does not cover still matches the reference.
+    fused, ref = build_pair(CASE["crp-max"])
+    fused.maxpool = ref.maxpool = nn.MaxPool2d(3, 1, 1)
+    x = make_inputs([(B, C, 7, 9)])[0]
+    assert_close(fused(x), ref(x), RTOL[torch.float32], "crp with a 3x3 pool")
+
+
+def test_norm_elu_fusion_only_for_elu_alpha_one_after_an_instance_norm_plus():
+    block = fsnn.ConditionalResidualBlock(C, C, L, act=nn.ELU(), normalization=fsnn.ConditionalInstanceNorm2dPlus)
+    assert block.normalize1.act == "elu" and block.normalize2.act == "elu"
+    block = fsnn.ResidualBlock(C, C, act=nn.ELU(alpha=0.5), normalization=fsnn.InstanceNorm2dPlus)
+    assert block.normalize1.act is None
+    block = fsnn.ResidualBlock(C, C, act=nn.ReLU(), normalization=fsnn.InstanceNorm2dPlus)
+    assert block.normalize1.act is None
+    rcu = fsnn.CondRCUBlock(C, 1, 2, L, fsnn.ConditionalInstanceNorm2d, nn.ELU())
+    assert rcu._modules["1_1_norm"].act == "elu"
+    crp = fsnn.CondCRPBlock(C, 2, L, fsnn.ConditionalInstanceNorm2dPlus, nn.ELU())
+    assert all(n.act is None for n in crp.norms)  # pooled, not activated, after the norm
+    bn = fsnn.ConditionalResidualBlock(C, C, L, act=nn.ELU(), normalization=fsnn.ConditionalBatchNorm2d)
+    assert not hasattr(bn.normalize1, "act")
+    # A block whose activation was swapped after construction refuses to apply the wrong one.
+    block = fsnn.ResidualBlock(C, C, act=nn.ELU(), normalization=fsnn.InstanceNorm2dPlus)
+    block.non_linearity = nn.ReLU()
+    with pytest.raises(RuntimeError, match="ELU"):
+        block(make_inputs([(B, C, 5, 5)])[0])
+
+
+def test_alpha_half_elu_block_matches_reference():
+    torch.manual_seed(0)
+    fused = fsnn.ResidualBlock(C, C, act=nn.ELU(alpha=0.5), normalization=fsnn.InstanceNorm2dPlus)
+    torch.manual_seed(0)
+    ref = ref_ns.ResidualBlock(C, C, act=nn.ELU(alpha=0.5), normalization=ref_ns.InstanceNorm2dPlus)
+    x = make_inputs([(B, C, 5, 7)])[0]
+    assert_close(fused(x), ref(x), RTOL[torch.float32], "ELU(alpha=0.5) block")
+
+
+def test_conditional_block_without_kernel_size_shortcut_fails_clearly():
+    # ncsn / ncsnv2 call nn.Conv2d(in, out) without a kernel size here (a TypeError); so do we, with a message.
+    for ns in (fused_ns, ref_ns):
+        with pytest.raises(TypeError, match="kernel size"):
+            ns.ConditionalResidualBlock(C, 2 * C, L, None, nn.ELU(), norms(ns))
+
+
+def test_msf_sums_in_the_activation_dtype_where_the_original_needs_the_default_dtype():
+    fused, ref = build_pair(CASE["condmsf-upsample"])
+    fused, ref = fused.double(), ref.double()
+    xs = make_inputs(CASE["condmsf-upsample"][2], torch.float64)
+    out = fused(xs, LABELS, xs[0].shape[2:])
+    assert out.dtype == torch.float64  # the documented deviation: no default-dtype buffer
+    assert ref(xs, LABELS, xs[0].shape[2:]).dtype == torch.float32  # the original silently downcasts (§7.8)
+    with default_dtype(torch.float64):
+        assert_close(out, ref(xs, LABELS, xs[0].shape[2:]), RTOL[torch.float64], "float64 MSF")
+
+
+# ---- layout and autocast -----------------------------------------------------------------------------------
+
+
+# torch's own nn.InstanceNorm2d (the fallback normaliser of that case) returns contiguous tensors.
+CL_CASES = [c for c in CASES if c[0] != "res-relu-plain-instancenorm"]
+
+
+@pytest.mark.parametrize("case", CL_CASES, ids=[c[0] for c in CL_CASES])
+def test_channels_last_stays_channels_last(case):
+    fused, ref = build_pair(case)
+    kind, shapes = case[3], case[2]
+    xs = make_inputs(shapes, channels_last=True)
+    not_cl = []
+
+    def hook(module, inputs, output):
+        if isinstance(output, torch.Tensor) and output.dim() == 4 and output.shape[1] > 1:
+            if not output.is_contiguous(memory_format=torch.channels_last):
+                not_cl.append(type(module).__name__)
+
+    handles = [m.register_forward_hook(hook) for m in fused.modules()]
+    try:
+        out = call(fused, kind, xs)
+    finally:
+        for h in handles:
+            h.remove()
+    assert not not_cl, f"activations left channels_last in {not_cl}"
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_close(out, call(ref, kind, make_inputs(shapes)), RTOL[torch.float32], "channels_last output")
+
+
+@pytest.mark.parametrize("name", ["condres-down", "res-down-adjust-7to4", "condrefine-end", "refine", "crp-max"])
+def test_bfloat16_autocast_runs_and_is_close(name):
+    case = CASE[name]
+    fused, ref = build_pair(case)
+    xs = make_inputs(case[2], channels_last=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = call(fused, case[3], xs)
+        out_ref_autocast = call(ref, case[3], make_inputs(case[2]))
+    want = call(ref, case[3], make_inputs(case[2]))
+    assert torch.isfinite(out).all()
+    scale = want.abs().max().item()
+    err = (out.float() - want).abs().max().item()
+    err_ref = (out_ref_autocast.float() - want).abs().max().item()
+    assert err <= max(4 * err_ref, 2e-2 * scale), f"bf16 error {err:.3e} (reference under autocast {err_ref:.3e})"
+    out.float().sum().backward()  # and the backward runs
