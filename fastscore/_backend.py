@@ -182,3 +182,26 @@ def select(op: str, device: torch.device, *, cpp_op: str, cuda_order: tuple[str,
         detail = "; ".join(reasons) or f"no fused backend for {device.type} tensors"
         warnings.warn(f"fastscore: {op} on {device.type} uses the reference implementation ({detail})", stacklevel=3)
     return "ref"
+
+
+# ---- which path a public op takes ------------------------------------------------------------------
+
+
+def under_functorch_transform() -> bool:
+    """Is a torch.func transform (jvp, vmap, grad) active? Private torch API, pinned by the op tests."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def eager_inference(*tensors) -> bool:
+    """True when an op may call its kernels directly: eager, and nothing to differentiate or trace.
+
+    The custom op and autograd.Function layers exist for autograd, forward-mode AD and torch.compile;
+    outside them they only cost time (about 150 us per call against a few us for the kernel call,
+    which dominates small layers and sampling loops). Forward-mode AD through
+    torch.autograd.forward_ad keeps tangents on the tensors themselves, hence the level check.
+    """
+    if torch.compiler.is_compiling() or under_functorch_transform():
+        return False
+    if torch.autograd.forward_ad._current_level >= 0:
+        return False
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))

@@ -86,3 +86,38 @@ def test_automatic_fallback_warns_once_and_keeps_results(monkeypatch):
         warnings.simplefilter("error")
         cond_instance_norm(x, gamma, alpha, beta, act="elu")
     torch.testing.assert_close(fallback, fused, rtol=1e-5, atol=1e-5)
+
+
+def test_functorch_interpreter_probe_is_pinned():
+    """The public ops read torch._C._functorch.peek_interpreter_stack (private) to pick a path."""
+    assert not _backend.under_functorch_transform()
+    seen = []
+    torch.func.jvp(
+        lambda t: seen.append(_backend.under_functorch_transform()) or t * 2, (torch.ones(2),), (torch.ones(2),)
+    )
+    assert seen == [True]
+
+
+def test_eager_inference_only_when_nothing_records_the_op():
+    import torch.autograd.forward_ad as fwAD
+
+    x, w = torch.ones(2), torch.ones(2, requires_grad=True)
+    assert _backend.eager_inference(x, None)
+    assert not _backend.eager_inference(x, w)  # autograd must record it
+    with torch.no_grad():
+        assert _backend.eager_inference(x, w)
+    with fwAD.dual_level():  # tangents ride on the tensors: the op must see them
+        assert not _backend.eager_inference(x)
+    seen = []
+    torch.func.jvp(lambda t: seen.append(_backend.eager_inference(t)) or t * 2, (x,), (x,))
+    assert seen == [False]
+    assert not torch.compile(lambda t: t + _backend.eager_inference(t), fullgraph=True)(x).ne(x).any()
+
+
+def test_inference_fast_path_equals_the_autograd_path():
+    x, g, a, b = torch.randn(2, 4, 3, 5), torch.randn(2, 4), torch.randn(2, 4), torch.randn(2, 4)
+    with torch.no_grad():
+        fast = cond_instance_norm(x, g, a, b, act="elu")
+    slow = cond_instance_norm(x, g.requires_grad_(), a, b, act="elu")
+    assert slow.requires_grad and not fast.requires_grad
+    torch.testing.assert_close(fast, slow.detach(), rtol=0, atol=0)

@@ -216,16 +216,6 @@ def test_dual_tensor_forward_ad_matches_reference():
         torch.testing.assert_close(tangent, ref_t, rtol=1e-12, atol=1e-12)
 
 
-def test_functorch_interpreter_probe_is_pinned():
-    """The public function reads torch._C._functorch.peek_interpreter_stack (private) under compile."""
-    from fastscore.ops.crp_pool import _under_functorch_transform
-
-    assert not _under_functorch_transform()
-    seen = []
-    torch.func.jvp(lambda t: seen.append(_under_functorch_transform()) or t * 2, (torch.ones(2),), (torch.ones(2),))
-    assert seen == [True]
-
-
 def _op_samples(layout):
     x = _in_layout(make_x((2, 5, 4, 6), torch.float32), layout)
     g = torch.randn_like(x)

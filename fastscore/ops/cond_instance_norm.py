@@ -296,11 +296,6 @@ class _CondInstanceNormFnJvp(_CondInstanceNormFn):
         return out_t, None, None
 
 
-def _under_functorch_transform() -> bool:
-    # Private API (pinned by tests/test_cond_instance_norm.py): is a torch.func transform active?
-    return torch._C._functorch.peek_interpreter_stack() is not None
-
-
 # ---- 4. public function ---------------------------------------------------------------------------
 
 
@@ -356,12 +351,17 @@ def cond_instance_norm(
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, g, a, b)):
             raise ValueError("out: writing into a preallocated tensor is not differentiable; use torch.no_grad()")
         if x.numel():
-            torch.ops.fastscore.cond_instance_norm_fwd_out(x, g, a, b, eps, act_name, out)
+            fwd_out = (
+                _impl_for(x).fwd_out if _backend.eager_inference() else torch.ops.fastscore.cond_instance_norm_fwd_out
+            )
+            fwd_out(x, g, a, b, eps, act_name, out)
         return out
     if x.numel() == 0:
         return torch.empty_like(x)
+    if _backend.eager_inference(x, g, a, b):
+        return _impl_for(x).fwd(x, g, a, b, eps, act_name)[0]
     if torch.compiler.is_compiling():
-        if _under_functorch_transform():  # compiled jvp through a Function gives zero tangents
+        if _backend.under_functorch_transform():  # compiled jvp through a Function gives zero tangents
             return cond_instance_norm_ref(x.to(acc), g, a, b, eps=eps, act=act_name).to(x.dtype)
         return _CondInstanceNormFn.apply(x, g, a, b, eps, act_name)[0]
     return _CondInstanceNormFnJvp.apply(x, g, a, b, eps, act_name)[0]
