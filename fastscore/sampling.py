@@ -1,0 +1,696 @@
+r"""Samplers: (annealed) Langevin dynamics of ncsn / ncsnv2 and the predictor-corrector sampler of score_sde.
+
+Every sampler runs the network, then one fused in-place update of fastscore.ops.langevin_step (the noise is
+made inside the kernel by a counter-based generator), so between two network evaluations nothing is
+allocated, no chain of eager ops runs and nothing waits for the device:
+
+- the state, the labels / times fed to the network and every per-step coefficient are set up once: the
+  step sizes of all levels or time steps are precomputed as rows of a small table on the device, so a step
+  passes a view of a row to the kernel;
+- the noise of update k of sample n is ``counter_randn`` of ``(seed, counter=k)`` at global sample index
+  ``sample_offset + n``: the same seed gives bitwise the same samples, and a sample does not depend on the
+  batch it shares (run a shard with ``sample_offset`` set to its first sample's index);
+- score_sde's Langevin corrector needs the norms of the score and of the noise: one fused reduction pass
+  (the op's (N, 2) float64 output is the only per-step allocation, 16 bytes per sample), the step sizes
+  computed into preallocated buffers, then the update pass.
+
+``seed=None`` draws a seed from torch's default CPU generator (``torch.manual_seed`` then fixes it).
+``progress=True`` shows a progress bar (tqdm when installed, else a line on stderr). Each sampler returns
+the final batch, or ``(final, intermediates)`` with ``return_intermediates=True`` (CPU copies of the
+state after every ``intermediate_every``-th step; ncsn's variant records the state before each update).
+The input ``x`` is never modified. Score functions are called under ``torch.no_grad()``.
+
+Conventions (reference/ncsn_reference.md §4, §5.3), and where fastscore differs:
+
+- :func:`annealed_langevin`: ncsnv2's rules: level i step :math:`\alpha_i = \epsilon (\sigma_i/\sigma_L)^2`,
+  ``x <- x + alpha_i s + sqrt(2 alpha_i) z``, then the Tweedie denoising ``x + sigma_L^2 s(x, L-1)``.
+  ``variant="ncsn"`` follows ncsn (v1): no denoising by default and intermediates recorded *before* each
+  update. The draw order of ncsn (noise before the score) versus ncsnv2 (after) only mattered for torch's
+  stateful generator: here the noise of a step is a function of its counter, so both orders give the same
+  numbers. Step sizes are computed in float64 and rounded once to the compute dtype.
+- :func:`pc_sampler`: score_sde's order (corrector steps, then the predictor, per time step) on the grid
+  ``linspace(T, eps, N)`` (float32, as score_sde) with score_sde's truncated discrete indices; returns the
+  last predictor's ``x_mean`` when ``denoise`` (with predictor ``none`` that is the noisy x, as in
+  score_sde). The Langevin corrector's step is per sample by default; ``batch_norm_step=True`` uses
+  score_sde's batch means of the norms (one step for the whole batch, so a sample then depends on its
+  batch). The prior is drawn from the counter-based generator (score_sde: torch's CPU generator), so that
+  it too is reproducible per sample. Coefficients are computed once in float64 from the float32 tables
+  (score_sde computes them every step in float32): results agree with score_sde's to float32 rounding.
+- :func:`annealed_langevin_inpainting`: a general ``mask`` (1 on known entries) instead of the left half of
+  3-channel images; ``variant="ncsnv2"`` (default) re-draws the perturbed known part every step and writes
+  it before the update, ``variant="ncsn"`` draws it once per level and re-imposes it after every update.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import sys
+
+import torch
+from torch import Tensor
+
+from fastscore import sde as sde_lib
+from fastscore.ops import langevin_step as _ls
+
+__all__ = [
+    "langevin",
+    "annealed_langevin",
+    "annealed_langevin_inpainting",
+    "pc_sampler",
+    "ode_sampler",
+    "PREDICTORS",
+    "CORRECTORS",
+]
+
+PREDICTORS = ("euler_maruyama", "reverse_diffusion", "ancestral", "none")
+CORRECTORS = ("langevin", "ald", "none")
+VARIANTS = ("ncsnv2", "ncsn")
+
+# Counters >= 2^62 are reserved for noise that is not a Langevin update's: the prior of the PC sampler and
+# the perturbed known part of the inpainting sampler, so they never reuse an update's noise.
+_PRIOR_COUNTER = 1 << 62
+_KNOWN_COUNTER = 1 << 62 | 1 << 61
+
+
+def ode_sampler(score_fn, sde, shape, **kwargs):
+    """The probability-flow ODE sampler (adaptive RK45 on the tensors' device): see fastscore._ode.ode_sampler,
+    which this forwards to (imported on first use)."""
+    from fastscore._ode import ode_sampler as solve
+
+    return solve(score_fn, sde, shape, **kwargs)
+
+
+# ---- argument checks (metadata only; each error names the argument) ---------------------------------------
+
+
+def _state(x) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x: expected a torch.Tensor of shape (N, ...), got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x: expected a floating tensor, got {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"x: expected a tensor of shape (N, ...) with at least 2 dims, got {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"x: expected a non-empty batch, got shape {tuple(x.shape)}")
+    return x
+
+
+def _count(v, name: str, *, low: int = 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
+        raise ValueError(f"{name}: expected an integer >= {low}, got {v!r}")
+    return int(v)
+
+
+def _number(v, name: str, *, positive: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
+        raise ValueError(f"{name}: expected a finite number, got {v!r}")
+    v = float(v)
+    if v < 0 or (positive and v == 0):
+        raise ValueError(f"{name}: expected a {'positive' if positive else 'non-negative'} number, got {v}")
+    return v
+
+
+def _flag(v, name: str) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(v).__name__}")
+    return v
+
+
+def _choice(v, name: str, options: tuple[str, ...]) -> str:
+    if v not in options:
+        raise ValueError(f"{name}: expected one of {', '.join(options)}, got {v!r}")
+    return v
+
+
+def _callable(fn, name: str = "score_fn"):
+    if not callable(fn):
+        raise TypeError(f"{name}: expected a callable, got {type(fn).__name__}")
+    return fn
+
+
+def _sigma_list(sigmas) -> list[float]:
+    """The noise levels as Python floats (one host read at set-up), checked 1-D, positive and finite."""
+    if isinstance(sigmas, Tensor):
+        if sigmas.dim() != 1:
+            raise ValueError(f"sigmas: expected a 1-D tensor of noise levels, got shape {tuple(sigmas.shape)}")
+        values = sigmas.detach().to("cpu", torch.float64).tolist()
+    else:
+        try:
+            values = [float(s) for s in sigmas]
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"sigmas: expected a 1-D tensor or sequence of numbers, got {type(sigmas).__name__}"
+            ) from None
+    if not values:
+        raise ValueError("sigmas: expected at least one noise level")
+    if not all(math.isfinite(s) and s > 0 for s in values):
+        raise ValueError(f"sigmas: expected positive finite noise levels, got {values}")
+    return values
+
+
+def _seed_and_offset(seed, sample_offset, x_shape) -> tuple[int, int]:
+    """(seed, sample_offset) validated as the ops take them (seed drawn when None)."""
+    N, D = x_shape[0], math.prod(x_shape[1:])
+    seed, _, sample_offset = _ls._key(seed, 0, sample_offset, N, D)
+    return seed, sample_offset
+
+
+def _intermediate_every(v) -> int:
+    return _count(v, "intermediate_every")
+
+
+# ---- the loop's pieces -----------------------------------------------------------------------------------
+
+
+class _TextBar:
+    """A minimal progress line on stderr, for when tqdm is not installed."""
+
+    def __init__(self, total: int, desc: str):
+        self.total, self.desc, self.n = total, desc, 0
+        self.every = max(1, total // 100)
+        self._show()
+
+    def _show(self):
+        pct = 100.0 * self.n / self.total if self.total else 100.0
+        sys.stderr.write(f"\r{self.desc}: {self.n}/{self.total} ({pct:5.1f}%)")
+        sys.stderr.flush()
+
+    def update(self, n: int = 1):
+        self.n += n
+        if self.n % self.every == 0 or self.n == self.total:
+            self._show()
+
+    def close(self):
+        sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool, desc: str):
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                self.bar = _TextBar(total, desc)
+            else:
+                self.bar = tqdm(total=total, desc=desc)
+
+    def update(self):
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+class _Chain:
+    """The state of a chain and what its steps share: the fused update, the score checks, the recording."""
+
+    def __init__(self, x: Tensor, seed: int, sample_offset: int, record: bool, every: int):
+        self.x = x
+        self.N = x.shape[0]
+        self.fmt = _ls._layout_of_x(x, "x")
+        self.acc = _ls.acc_dtype(x.dtype)
+        self.seed, self.sample_offset = seed, sample_offset
+        self.counter = 0
+        self.score_buf: Tensor | None = None
+        self.record, self.every, self.steps_done = record, every, 0
+        self.intermediates: list[Tensor] = []
+
+    def rows(self, table: list[list[float]]) -> list[Tensor]:
+        """Per-step coefficient rows (a, b, c) as (N, 3) stride-0 views of one device table."""
+        t = torch.tensor(table, dtype=self.acc, device=self.x.device).reshape(-1, 3)
+        return [t[i : i + 1].expand(self.N, 3) for i in range(t.shape[0])]
+
+    def score(self, out) -> Tensor:
+        """The network's output checked against x (metadata only); copied into a reused buffer when its
+        layout is not x's."""
+        x = self.x
+        if not isinstance(out, Tensor):
+            raise TypeError(f"score_fn: expected it to return a tensor, got {type(out).__name__}")
+        if out.shape != x.shape:
+            raise ValueError(f"score_fn: returned shape {tuple(out.shape)}, expected x's shape {tuple(x.shape)}")
+        if out.dtype != x.dtype or out.device != x.device:
+            raise TypeError(
+                f"score_fn: returned {out.dtype} on {out.device}, expected x's dtype {x.dtype} on {x.device}"
+            )
+        if out.requires_grad:
+            out = out.detach()
+        if not out.is_contiguous(memory_format=self.fmt):
+            if self.score_buf is None:
+                self.score_buf = torch.empty_like(x, memory_format=self.fmt)
+            out = self.score_buf.copy_(out)
+        return out
+
+    def update(self, score: Tensor, coef: Tensor, *, mask=None, known=None, x_mean=None) -> None:
+        _ls._update(self.x, score, coef, None, self.seed, self.counter, self.sample_offset, mask, known, x_mean)
+        self.counter += 1
+
+    def snapshot(self) -> None:
+        if self.record and self.steps_done % self.every == 0:
+            self.intermediates.append(self.x.detach().to("cpu", copy=True))
+
+    def stepped(self) -> None:
+        self.steps_done += 1
+
+    def result(self, out: Tensor):
+        return (out, self.intermediates) if self.record else out
+
+
+def _start(x: Tensor) -> Tensor:
+    """The chain's state: a copy of x in a layout the kernels update in place (x itself is not modified)."""
+    fmt = (
+        torch.channels_last
+        if (x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last))
+        else torch.contiguous_format
+    )
+    return x.detach().clone(memory_format=fmt)
+
+
+def _langevin_row(step: float) -> list[float]:
+    return [1.0, step, math.sqrt(2.0 * step)]
+
+
+# ---- Langevin dynamics --------------------------------------------------------------------------------------
+
+
+def langevin(
+    score_fn,
+    x: Tensor,
+    *,
+    step_size,
+    n_steps: int,
+    seed: int | None = None,
+    progress: bool = False,
+    return_intermediates: bool = False,
+    intermediate_every: int = 1,
+    sample_offset: int = 0,
+):
+    r"""Langevin dynamics :math:`x \leftarrow x + \epsilon\, s(x) + \sqrt{2\epsilon}\, z` for ``n_steps`` steps.
+
+    ``score_fn(x) -> score`` (x's shape); ``x`` (N, ...) the initial batch (not modified); ``step_size``
+    :math:`\epsilon \ge 0`: a float, or an (N,) tensor (one step per sample). ncsn's toy
+    ``langevin_dynamics(lr)`` is ``step_size = lr / 2``. Returns the final batch.
+    """
+    _callable(score_fn)
+    x = _state(x)
+    n_steps = _count(n_steps, "n_steps", low=0)
+    N = x.shape[0]
+    if isinstance(step_size, Tensor):
+        if step_size.shape not in ((N,), ()) or not step_size.is_floating_point():
+            raise ValueError(
+                f"step_size: expected a float or a float tensor of shape ({N},), got {tuple(step_size.shape)}"
+            )
+        steps = step_size.detach().to("cpu", torch.float64).expand(N)
+        if not bool((steps >= 0).all()) or not bool(torch.isfinite(steps).all()):
+            raise ValueError("step_size: expected non-negative finite values")
+        table = [_langevin_row(s) for s in steps.tolist()]
+    else:
+        table = [_langevin_row(_number(step_size, "step_size"))]
+    _flag(progress, "progress")
+    _flag(return_intermediates, "return_intermediates")
+    every = _intermediate_every(intermediate_every)
+    seed, sample_offset = _seed_and_offset(seed, sample_offset, x.shape)
+    with torch.no_grad():
+        chain = _Chain(_start(x), seed, sample_offset, return_intermediates, every)
+        coef = torch.tensor(table, dtype=chain.acc, device=x.device).expand(N, 3)
+        bar = _Progress(n_steps, progress, "langevin")
+        try:
+            for _ in range(n_steps):
+                chain.update(chain.score(score_fn(chain.x)), coef)
+                chain.stepped()
+                chain.snapshot()
+                bar.update()
+        finally:
+            bar.close()
+    return chain.result(chain.x)
+
+
+def annealed_langevin(
+    score_fn,
+    x: Tensor,
+    sigmas,
+    *,
+    n_steps_each: int,
+    step_lr: float,
+    denoise: bool | None = None,
+    seed: int | None = None,
+    variant: str = "ncsnv2",
+    progress: bool = False,
+    return_intermediates: bool = False,
+    intermediate_every: int = 1,
+    sample_offset: int = 0,
+):
+    r"""Annealed Langevin dynamics of ncsn / ncsnv2 (reference/ncsn_reference.md §4.1, §4.3).
+
+    ``score_fn(x, labels)`` with ``labels`` an int64 (N,) tensor of level indices (0 = largest sigma);
+    ``sigmas`` (L,) decreasing noise levels (tensor or sequence); for level i, ``n_steps_each`` steps of
+    :math:`x \leftarrow x + \alpha_i s + \sqrt{2\alpha_i}\, z` with
+    :math:`\alpha_i = \text{step\_lr}\,(\sigma_i/\sigma_L)^2`; then, when ``denoise`` (default: True for
+    ``variant="ncsnv2"``, False for ``"ncsn"``), :math:`x \leftarrow x + \sigma_L^2 s(x, L-1)` (one more
+    network call). ``variant="ncsn"`` records intermediates before each update, as ncsn. Returns the final
+    batch.
+    """
+    _callable(score_fn)
+    x = _state(x)
+    sig = _sigma_list(sigmas)
+    n_steps_each = _count(n_steps_each, "n_steps_each", low=0)
+    step_lr = _number(step_lr, "step_lr")
+    variant = _choice(variant, "variant", VARIANTS)
+    denoise = (variant == "ncsnv2") if denoise is None else _flag(denoise, "denoise")
+    _flag(progress, "progress")
+    _flag(return_intermediates, "return_intermediates")
+    every = _intermediate_every(intermediate_every)
+    seed, sample_offset = _seed_and_offset(seed, sample_offset, x.shape)
+    L = len(sig)
+    with torch.no_grad():
+        chain = _Chain(_start(x), seed, sample_offset, return_intermediates, every)
+        rows = chain.rows([_langevin_row(step_lr * (s / sig[-1]) ** 2) for s in sig])
+        labels = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
+        record_before = variant == "ncsn"
+        bar = _Progress(L * n_steps_each, progress, "annealed langevin")
+        try:
+            for level in range(L):
+                labels.fill_(level)
+                for _ in range(n_steps_each):
+                    if record_before:
+                        chain.snapshot()
+                    chain.update(chain.score(score_fn(chain.x, labels)), rows[level])
+                    chain.stepped()
+                    if not record_before:
+                        chain.snapshot()
+                    bar.update()
+            if denoise:
+                labels.fill_(L - 1)
+                chain.x.add_(chain.score(score_fn(chain.x, labels)), alpha=sig[-1] ** 2)
+                if return_intermediates:
+                    chain.intermediates.append(chain.x.detach().to("cpu", copy=True))
+        finally:
+            bar.close()
+    return chain.result(chain.x)
+
+
+def annealed_langevin_inpainting(
+    score_fn,
+    x: Tensor,
+    known: Tensor,
+    mask: Tensor,
+    sigmas,
+    *,
+    n_steps_each: int = 100,
+    step_lr: float = 8e-6,
+    denoise: bool = False,
+    seed: int | None = None,
+    variant: str = "ncsnv2",
+    progress: bool = False,
+    return_intermediates: bool = False,
+    intermediate_every: int = 1,
+    sample_offset: int = 0,
+):
+    r"""Annealed Langevin inpainting (reference/ncsn_reference.md §4.2, §4.4): fills the entries where
+    ``mask`` is 0, keeping the ``known`` ones (``mask`` 1).
+
+    ``known``, ``mask``: broadcastable to x (e.g. (1, C, H, W) or (N, C, H, W)); mask values in [0, 1]. At
+    level i the known part is replaced by its perturbed version :math:`k + \sigma_i z`: re-drawn before
+    every step (``variant="ncsnv2"``) or drawn once per level and re-imposed after every update
+    (``variant="ncsn"``). Steps as :func:`annealed_langevin`. ``denoise=True`` adds the Tweedie step
+    :math:`x + \sigma_L^2 s(x, L-1)` and then restores the clean known part (neither reference denoises).
+    Returns the final batch.
+    """
+    _callable(score_fn)
+    x = _state(x)
+    full = []
+    for t, name in ((known, "known"), (mask, "mask")):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor broadcastable to x, got {type(t).__name__}")
+        if t.device != x.device:
+            raise ValueError(f"{name}: expected a tensor on x's device {x.device}, got {t.device}")
+        try:
+            full.append(torch.broadcast_to(t, x.shape))
+        except RuntimeError:
+            raise ValueError(f"{name}: shape {tuple(t.shape)} does not broadcast to x's {tuple(x.shape)}") from None
+    if mask.dtype != torch.bool and (not mask.is_floating_point() or not bool(((mask >= 0) & (mask <= 1)).all())):
+        raise ValueError("mask: expected a bool tensor or values in [0, 1]")
+    sig = _sigma_list(sigmas)
+    n_steps_each = _count(n_steps_each, "n_steps_each", low=0)
+    step_lr = _number(step_lr, "step_lr")
+    variant = _choice(variant, "variant", VARIANTS)
+    _flag(denoise, "denoise")
+    _flag(progress, "progress")
+    _flag(return_intermediates, "return_intermediates")
+    every = _intermediate_every(intermediate_every)
+    seed, sample_offset = _seed_and_offset(seed, sample_offset, x.shape)
+    L = len(sig)
+    with torch.no_grad():
+        chain = _Chain(_start(x), seed, sample_offset, return_intermediates, every)
+        state = chain.x
+        known_x = full[0].to(x.dtype).contiguous(memory_format=chain.fmt)
+        mask_x = full[1].to(x.dtype).contiguous(memory_format=chain.fmt)
+        perturbed = torch.empty_like(state)  # k + sigma_i z, rewritten in place
+        level_sigma = torch.tensor(sig, dtype=x.dtype, device=x.device)
+        rows = chain.rows([_langevin_row(step_lr * (s / sig[-1]) ** 2) for s in sig])
+        labels = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
+        known_draws = 0
+
+        def draw_perturbed_known(level: int) -> None:
+            nonlocal known_draws
+            _ls._randn(perturbed, seed, _ls._wrap(_KNOWN_COUNTER + known_draws), sample_offset)
+            known_draws += 1
+            perturbed.mul_(level_sigma[level]).add_(known_x)
+            state.lerp_(perturbed, mask_x)  # x <- mask k + (1 - mask) x
+
+        bar = _Progress(L * n_steps_each, progress, "annealed langevin inpainting")
+        try:
+            for level in range(L):
+                labels.fill_(level)
+                if variant == "ncsn":
+                    draw_perturbed_known(level)
+                for _ in range(n_steps_each):
+                    if variant == "ncsnv2":
+                        draw_perturbed_known(level)
+                    score = chain.score(score_fn(state, labels))
+                    if variant == "ncsn":
+                        chain.update(score, rows[level], mask=mask_x, known=perturbed)
+                    else:
+                        chain.update(score, rows[level])
+                    chain.stepped()
+                    chain.snapshot()
+                    bar.update()
+            if denoise:
+                labels.fill_(L - 1)
+                state.add_(chain.score(score_fn(state, labels)), alpha=sig[-1] ** 2)
+                state.lerp_(known_x, mask_x)
+        finally:
+            bar.close()
+    return chain.result(state)
+
+
+# ---- predictor-corrector ---------------------------------------------------------------------------------
+
+
+def _default_eps(sde) -> float:
+    # score_sde's run_lib: sampling_eps 1e-5 for VE, 1e-3 for VP and sub-VP.
+    return 1e-5 if isinstance(sde, sde_lib.VESDE) else 1e-3
+
+
+def _time_grid(sde, eps: float) -> tuple[list[float], list[int]]:
+    """score_sde's grid ``linspace(T, eps, N)`` in float32 and its truncated indices ``long(t (N-1) / T)``."""
+    ts = torch.linspace(sde.T, eps, sde.N)
+    idx = (ts * (sde.N - 1) / sde.T).long()
+    return ts.tolist(), idx.tolist()
+
+
+def _predictor_table(sde, predictor: str, ts: list[float], idx: list[int], probability_flow: bool) -> list[list[float]]:
+    """Rows (a, b, c) of the predictor update x_mean = a x + b s, x = x_mean + c z (sde_update_'s table)."""
+    N = sde.N
+    w = 0.5 if probability_flow else 1.0
+    noise = 0.0 if probability_flow else 1.0
+    t64 = torch.tensor(ts, dtype=torch.float64)
+    rows = []
+    if predictor == "euler_maruyama" or (predictor == "reverse_diffusion" and isinstance(sde, sde_lib.subVPSDE)):
+        # Euler-Maruyama on the reverse SDE with dt = -1/N (and subVP's base discretize, the same update).
+        fa = sde.drift_coef(t64)
+        g = sde.diffusion_coef(t64)
+        fa = fa if isinstance(fa, Tensor) else torch.full_like(t64, fa)
+        for f_i, g_i in zip(fa.tolist(), g.tolist()):
+            rows.append([1.0 - f_i / N, w * g_i * g_i / N, noise * g_i / math.sqrt(N)])
+        return rows
+    if isinstance(sde, sde_lib.VESDE):
+        sig = sde.discrete_sigmas.tolist()
+        for i in idx:
+            s2 = sig[i] ** 2
+            p2 = sig[i - 1] ** 2 if i > 0 else 0.0
+            if predictor == "reverse_diffusion":
+                rows.append([1.0, w * (s2 - p2), noise * math.sqrt(s2 - p2)])
+            else:  # ancestral
+                rows.append([1.0, s2 - p2, math.sqrt(p2 * (s2 - p2) / s2)])
+        return rows
+    betas = sde.discrete_betas.tolist()
+    alphas = sde.alphas.tolist()
+    for i in idx:
+        b = betas[i]
+        if predictor == "reverse_diffusion":
+            rows.append([2.0 - math.sqrt(alphas[i]), w * b, noise * math.sqrt(b)])
+        else:  # ancestral, VP
+            r = 1.0 / math.sqrt(1.0 - b)
+            rows.append([r, b * r, math.sqrt(b)])
+    return rows
+
+
+def _corrector_alpha(sde, idx: list[int]) -> list[float]:
+    """score_sde's alpha_i of the correctors: 1 - beta_i for VP and sub-VP, 1 for VE."""
+    if isinstance(sde, sde_lib.VESDE):
+        return [1.0] * len(idx)
+    alphas = sde.alphas.tolist()
+    return [alphas[i] for i in idx]
+
+
+class _CorrectorSteps:
+    """score_sde's Langevin corrector step size, eps = (snr |z| / |g|)^2 2 alpha_i, computed from the op's
+    fused norms into preallocated buffers (per sample, or from batch means of the norms)."""
+
+    def __init__(self, chain: _Chain, snr: float, alphas: list[float], batch_norm_step: bool):
+        dev, N = chain.x.device, chain.N
+        self.scale = torch.tensor([snr * snr * 2.0 * a for a in alphas], dtype=torch.float64, device=dev)
+        self.coef = torch.ones(N, 3, dtype=chain.acc, device=dev)
+        self.eps = torch.empty(N, dtype=torch.float64, device=dev)
+        self.root = torch.empty(N, dtype=torch.float64, device=dev)
+        self.norm_sums = torch.empty(2, dtype=torch.float64, device=dev)
+        self.ratio = torch.empty(1, dtype=torch.float64, device=dev)
+        self.batch = batch_norm_step
+
+    def __call__(self, chain: _Chain, score: Tensor, step: int) -> Tensor:
+        sums = _ls._norms(score, None, chain.seed, chain.counter, chain.sample_offset)  # (N, 2): |g|^2, |z|^2
+        if self.batch:
+            # The ratio of the batch means of the norms is the ratio of their sums (torch.mean would allocate).
+            sums.sqrt_()
+            torch.sum(sums, dim=0, out=self.norm_sums)
+            torch.div(self.norm_sums[1:], self.norm_sums[:1], out=self.ratio)
+            self.ratio.square_()
+            self.eps.copy_(self.ratio.expand_as(self.eps))
+        else:
+            torch.div(sums[:, 1], sums[:, 0], out=self.eps)
+        self.eps.mul_(self.scale[step])
+        torch.add(self.eps, self.eps, out=self.root)
+        self.root.sqrt_()
+        self.coef[:, 1].copy_(self.eps)
+        self.coef[:, 2].copy_(self.root)
+        return self.coef
+
+
+def pc_sampler(
+    score_fn,
+    sde,
+    shape,
+    *,
+    predictor: str = "reverse_diffusion",
+    corrector: str = "langevin",
+    snr: float = 0.16,
+    n_corrector_steps: int = 1,
+    denoise: bool = True,
+    seed: int | None = None,
+    eps: float | None = None,
+    probability_flow: bool = False,
+    batch_norm_step: bool = False,
+    x_init: Tensor | None = None,
+    device=None,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+    return_intermediates: bool = False,
+    intermediate_every: int = 1,
+    sample_offset: int = 0,
+):
+    r"""score_sde's predictor-corrector sampler (reference/ncsn_reference.md §5.3).
+
+    ``score_fn(x, t)`` with ``t`` a float (N,) tensor of times; ``sde`` a :class:`fastscore.sde.VESDE`,
+    :class:`~fastscore.sde.VPSDE` or :class:`~fastscore.sde.subVPSDE` (its ``N`` is the number of time
+    steps); ``shape`` (N, ...) of the batch. From the prior (or ``x_init``), for each ``t`` of
+    ``linspace(T, eps, N)``: ``n_corrector_steps`` corrector steps, then one predictor step.
+
+    - ``predictor``: ``euler_maruyama``, ``reverse_diffusion``, ``ancestral`` (VE and VP only, as score_sde)
+      or ``none``; ``probability_flow=True`` makes the first two deterministic steps of the probability
+      flow ODE.
+    - ``corrector``: ``langevin`` (step :math:`2\alpha_i(\mathrm{snr}\,\|z\|/\|g\|)^2`, per sample unless
+      ``batch_norm_step=True``), ``ald`` (step :math:`2\alpha_i(\mathrm{snr}\,\sigma(t))^2`, the ncsn rule)
+      or ``none``.
+    - ``eps``: the last time (default: 1e-5 for VE, 1e-3 otherwise, as score_sde's configs);
+      ``denoise``: return the last predictor's mean.
+    - ``x_init``: an initial batch (not modified) instead of the prior draw, which is otherwise made from
+      ``seed`` with the counter-based generator on ``device`` in ``dtype``.
+    """
+    _callable(score_fn)
+    if not isinstance(sde, sde_lib.SDE):
+        raise TypeError(f"sde: expected a fastscore.sde VESDE, VPSDE or subVPSDE, got {type(sde).__name__}")
+    predictor = _choice(predictor, "predictor", PREDICTORS)
+    corrector = _choice(corrector, "corrector", CORRECTORS)
+    snr = _number(snr, "snr")
+    n_corrector_steps = _count(n_corrector_steps, "n_corrector_steps", low=0)
+    for v, name in ((denoise, "denoise"), (probability_flow, "probability_flow"), (batch_norm_step, "batch_norm_step")):
+        _flag(v, name)
+    _flag(progress, "progress")
+    _flag(return_intermediates, "return_intermediates")
+    every = _intermediate_every(intermediate_every)
+    if predictor == "ancestral" and not isinstance(sde, (sde_lib.VESDE, sde_lib.VPSDE)):
+        raise ValueError(f"predictor: 'ancestral' is defined for VESDE and VPSDE only, got {type(sde).__name__}")
+    if predictor == "ancestral" and probability_flow:
+        raise ValueError("probability_flow: the ancestral predictor has no probability-flow form")
+    eps = _default_eps(sde) if eps is None else _number(eps, "eps", positive=True)
+    if eps >= sde.T:
+        raise ValueError(f"eps: expected a value below T={sde.T}, got {eps}")
+    if x_init is not None:
+        x0 = _state(x_init)
+        shape = tuple(x0.shape)
+    else:
+        shape = sde_lib._shape(shape)
+        if len(shape) < 2 or math.prod(shape) == 0:
+            raise ValueError(f"shape: expected a non-empty (N, ...) shape with at least 2 dims, got {shape}")
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise TypeError(f"dtype: expected a floating dtype, got {dtype}")
+    seed, sample_offset = _seed_and_offset(seed, sample_offset, shape)
+
+    ts, idx = _time_grid(sde, eps)
+    with torch.no_grad():
+        if x_init is not None:
+            x = _start(x0)
+        else:
+            x = torch.empty(shape, dtype=dtype, device=device)
+            _ls._randn(x, seed, _ls._wrap(_PRIOR_COUNTER), sample_offset)
+            x.mul_(sde.prior_std)
+        chain = _Chain(x, seed, sample_offset, return_intermediates, every)
+        N = chain.N
+        t_buf = torch.empty(N, dtype=x.dtype if x.dtype == torch.float64 else torch.float32, device=x.device)
+        pred_rows = (
+            chain.rows(_predictor_table(sde, predictor, ts, idx, probability_flow)) if predictor != "none" else []
+        )
+        alphas = _corrector_alpha(sde, idx)
+        if corrector == "ald":
+            _, std = sde.marginal_prob(
+                torch.zeros(len(ts), 1, dtype=torch.float64), torch.tensor(ts, dtype=torch.float64)
+            )
+            steps = [(snr * s) ** 2 * 2.0 * a for s, a in zip(std.tolist(), alphas)]
+            corr_rows = chain.rows([_langevin_row(e) for e in steps])
+        elif corrector == "langevin":
+            corr_steps = _CorrectorSteps(chain, snr, alphas, batch_norm_step)
+        n_corr = 0 if corrector == "none" else n_corrector_steps
+        x_mean = torch.empty_like(x) if denoise and predictor != "none" else None
+        bar = _Progress(len(ts), progress, "pc sampler")
+        try:
+            for i, t in enumerate(ts):
+                t_buf.fill_(t)
+                for _ in range(n_corr):
+                    score = chain.score(score_fn(x, t_buf))
+                    coef = corr_rows[i] if corrector == "ald" else corr_steps(chain, score, i)
+                    chain.update(score, coef)
+                if predictor != "none":
+                    score = chain.score(score_fn(x, t_buf))
+                    last = i == len(ts) - 1
+                    chain.update(score, pred_rows[i], x_mean=x_mean if last else None)
+                chain.stepped()
+                chain.snapshot()
+                bar.update()
+        finally:
+            bar.close()
+    return chain.result(x_mean if x_mean is not None else x)
