@@ -26,6 +26,7 @@ from fastscore.models.configs import field
 from fastscore.models.configs import get_config
 from fastscore.models.configs import get_sigmas
 from fastscore.models.configs import namespace2dict
+from fastscore.models.mlp import ScoreMLP
 from fastscore.models.ncsn import NCSN
 from fastscore.models.ncsn import CondRefineNetDilated
 from fastscore.models.ncsn import NCSNdeeper
@@ -40,6 +41,7 @@ __all__ = [
     "NCSNv2",
     "NCSNv2Deeper",
     "NCSNv2Deepest",
+    "ScoreMLP",
     "get_model",
     "get_config",
     "config_names",

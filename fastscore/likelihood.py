@@ -1,0 +1,233 @@
+r"""Exact likelihood of data under the probability-flow ODE of a score SDE (score_sde's ``likelihood.py``,
+reference/ncsn_reference.md §5.4), and bits per dimension.
+
+The probability-flow ODE :math:`dx/dt = \tilde f(x, t) = f(x, t) - \tfrac12 g(t)^2 s(x, t)` maps the data at
+``t = eps`` to a latent :math:`z = x(T)` under the prior, and by the instantaneous change of variables
+
+.. math::
+    \log p_\epsilon(x) = \log p_T(z) + \int_\epsilon^T \operatorname{div}_x \tilde f(x(t), t)\,dt .
+
+The ODE state per sample is ``[x (D values), one running integral of the divergence per probe]``, integrated
+from ``eps`` to ``T`` with fastscore's adaptive Runge-Kutta (fastscore._ode.solve_ivp: scipy's RK45 on the
+tensors' device, per-sample error control, finished samples leave the batch). Each right-hand side
+evaluates the network ONCE for both the drift and the divergence estimate
+(:func:`fastscore.ops.hutchinson.probe_products`: forward-mode dual passes, or one recorded forward and a
+vector-Jacobian product per probe), where score_sde evaluates it twice and copies through NumPy.
+
+The divergence is Hutchinson's estimate :math:`v^\top \nabla_x \tilde f\, v` with probes drawn ONCE per call
+and kept along the whole trajectory (as score_sde: the ODE must be a fixed smooth function for the adaptive
+solver), from the counter-based generator keyed by ``(seed, sample index)``, so a sample's probes -- and
+its log-likelihood -- do not depend on the batch it is in. With ``n_probes = P > 1`` each probe's integral
+is carried separately: the result is their mean and the standard error over probes is the error bar
+(``return_info=True``). ``probe="exact"`` uses the exact trace (D vector-Jacobian products per evaluation:
+small D only).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fastscore._ode import _check_sde
+from fastscore._ode import _number
+from fastscore._ode import _pf_drift
+from fastscore._ode import _Progress
+from fastscore._ode import solve_ivp
+from fastscore.ops.hutchinson import exact_divergence
+from fastscore.ops.hutchinson import make_probes
+from fastscore.ops.hutchinson import probe_products
+
+__all__ = ["log_likelihood", "LikelihoodInfo", "bits_per_dim", "dequantization_offset"]
+
+PROBES = ("rademacher", "gaussian", "exact")
+
+
+@dataclass
+class LikelihoodInfo:
+    """What ``log_likelihood(..., return_info=True)`` returns next to the log-likelihoods (all per sample).
+
+    ``stderr`` (N,): standard error of the log-likelihood over the probes (std over the P per-probe results
+    / sqrt(P)); 0 with ``probe="exact"``, NaN with a single probe (no spread to measure: use ``n_probes >=
+    2`` for an error bar). ``logp_per_probe`` (N, P): the per-probe results. ``prior_logp`` (N,) and
+    ``delta_logp`` (N,): the two terms of the log-likelihood. ``z``: the latent x(T), x's shape. ``nfe``:
+    right-hand-side evaluations (network evaluations; score_sde's ``nfev``), ``nfe_per_sample`` (N,),
+    ``sample_evals``: single-sample evaluations done (the work)."""
+
+    stderr: Tensor
+    logp_per_probe: Tensor
+    prior_logp: Tensor
+    delta_logp: Tensor
+    z: Tensor
+    nfe: int
+    nfe_per_sample: Tensor
+    sample_evals: int
+
+
+def log_likelihood(
+    score_fn,
+    sde,
+    x: Tensor,
+    *,
+    n_probes: int = 1,
+    probe: str = "rademacher",
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    eps: float = 1e-5,
+    seed: int | None = None,
+    method: str = "RK45",
+    per_sample: bool = True,
+    mode: str = "auto",
+    state_dtype: torch.dtype = torch.float64,
+    progress: bool = False,
+    return_info: bool = False,
+):
+    r"""Log-likelihood in nats of each sample of ``x`` (N, ...) under the probability-flow ODE of ``sde``
+    driven by ``score_fn(x, t)`` (see the module docstring); returns a float64 tensor (N,).
+
+    ``x`` is in the model's data range (score_sde's scaler applied). ``probe``: ``"rademacher"`` (default, as
+    score_sde), ``"gaussian"`` or ``"exact"`` (the exact trace, D products per evaluation); ``n_probes`` probes
+    (ignored for ``"exact"``), drawn from the counter-based generator with ``seed`` (``None``: a seed from
+    torch's default generator). ``rtol``/``atol``/``method``: the adaptive Runge-Kutta's (scipy's meaning);
+    ``per_sample=False`` gives score_sde's joint error control over the batch. ``eps``: the start time
+    (score_sde's 1e-5). ``mode``: how the divergence products are taken (``"auto"``, ``"forward"``,
+    ``"reverse"``: :func:`fastscore.ops.hutchinson.probe_products`). ``score_fn`` sees x in x's dtype and t
+    (B,) in x's dtype, for the B samples still being integrated; the state is integrated in ``state_dtype``.
+
+    With ``return_info=True`` returns ``(logp, LikelihoodInfo)``: nfe and the probes' standard error.
+    Convert to bits per dimension with :func:`bits_per_dim`.
+    """
+    if not callable(score_fn):
+        raise TypeError(f"score_fn: expected a callable score_fn(x, t), got {type(score_fn).__name__}")
+    _check_sde(sde)
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x: expected a torch.Tensor of shape (N, ...), got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x: expected a floating tensor, got {x.dtype}")
+    if x.dim() < 2 or x.shape[0] < 1:
+        raise ValueError(f"x: expected a batch (N, ...) with N >= 1 and at least 2 dims, got {tuple(x.shape)}")
+    if probe not in PROBES:
+        raise ValueError(f"probe: expected one of {', '.join(map(repr, PROBES))}, got {probe!r}")
+    if isinstance(n_probes, bool) or not isinstance(n_probes, numbers.Integral) or n_probes < 1:
+        raise ValueError(f"n_probes: expected an integer >= 1, got {n_probes!r}")
+    eps = _number(eps, "eps", low=0.0, strict=True)
+    if eps >= sde.T:
+        raise ValueError(f"eps: expected a time below sde.T = {sde.T}, got {eps}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise TypeError(f"seed: expected an integer, got {type(seed).__name__}")
+    for name, v in (("per_sample", per_sample), ("progress", progress), ("return_info", return_info)):
+        if not isinstance(v, bool):
+            raise TypeError(f"{name}: expected a bool, got {type(v).__name__}")
+    if not isinstance(state_dtype, torch.dtype) or not state_dtype.is_floating_point:
+        raise TypeError(f"state_dtype: expected a floating torch.dtype, got {state_dtype!r}")
+
+    N, shape, dtype = x.shape[0], tuple(x.shape[1:]), x.dtype
+    D = math.prod(shape)
+    exact = probe == "exact"
+    P = 1 if exact else int(n_probes)
+    # (P, N, ...) probes for the whole batch, drawn once; each evaluation gathers the active samples' rows.
+    probes = None if exact else make_probes(x.detach(), P, probe, seed=seed)
+
+    def rhs(t: Tensor, y: Tensor, index: Tensor) -> Tensor:
+        B = y.shape[0]
+        xs = y[:, :D].reshape((B,) + shape).to(dtype)
+        drift = _pf_drift(sde, score_fn, t.to(dtype), xs)
+
+        if exact:
+            fx, div = exact_divergence(drift, xs)
+            div = div[:, None]
+        else:
+            fx, div = probe_products(drift, xs, probes[:, index], mode=mode)
+            div = div.t()
+        return torch.cat([fx.detach().reshape(B, D).to(y.dtype), div.detach().to(y.dtype)], dim=1)
+
+    start = torch.cat([x.detach().reshape(N, D).to(state_dtype), x.new_zeros((N, P), dtype=state_dtype)], dim=1)
+    bar = _Progress(progress, eps, sde.T, "log_likelihood")
+    try:
+        with torch.no_grad():
+            res = solve_ivp(
+                rhs,
+                (eps, sde.T),
+                start,
+                rtol=rtol,
+                atol=atol,
+                method=method,
+                per_sample=per_sample,
+                indexed=True,
+                callback=bar if progress else None,
+            )
+    finally:
+        bar.close()
+    z = res.y[:, :D].reshape(x.shape)
+    delta = res.y[:, D:]  # (N, P)
+    prior = sde.prior_logp(z).to(torch.float64)
+    per_probe = prior[:, None] + delta.to(torch.float64)
+    logp = per_probe.mean(dim=1)
+    if not return_info:
+        return logp
+    if exact:
+        stderr = torch.zeros_like(logp)
+    elif P == 1:
+        stderr = torch.full_like(logp, math.nan)
+    else:
+        stderr = per_probe.std(dim=1) / math.sqrt(P)
+    info = LikelihoodInfo(
+        stderr=stderr,
+        logp_per_probe=per_probe,
+        prior_logp=prior,
+        delta_logp=delta.to(torch.float64).mean(dim=1),
+        z=z.to(dtype),
+        nfe=res.nfe,
+        nfe_per_sample=res.nfe_per_sample,
+        sample_evals=res.sample_evals,
+    )
+    return logp, info
+
+
+def dequantization_offset(low: float = 0.0, high: float = 1.0, n_bits: int = 8) -> float:
+    r"""The bits-per-dimension offset for data with ``2**n_bits`` levels mapped onto ``[low, high]``:
+    :math:`n_{bits} - \log_2(high - low)`.
+
+    A density on ``[low, high]`` assigns a dequantisation bin of width :math:`(high - low) / 2^{n_{bits}}`
+    the probability :math:`p \cdot` width, so the discrete log-likelihood in bits per dimension is
+    ``-log2 p / D + offset``. score_sde's ``offset = 7 - inverse_scaler(-1)``: 8 for data in [0, 1]
+    (``centered=False``), 7 for data in [-1, 1] (``centered=True``)."""
+    low = _number(low, "low")
+    high = _number(high, "high")
+    if high <= low:
+        raise ValueError(f"high: expected a value above low={low}, got {high}")
+    if isinstance(n_bits, bool) or not isinstance(n_bits, numbers.Integral) or n_bits < 1:
+        raise ValueError(f"n_bits: expected a positive integer, got {n_bits!r}")
+    return n_bits - math.log2(high - low)
+
+
+def bits_per_dim(logp: Tensor, x, offset: float) -> Tensor:
+    r"""Bits per dimension ``-logp / (D ln 2) + offset`` (score_sde's formula) for log-likelihoods ``logp``
+    (N,) in nats of samples of ``x`` (the data batch (N, ...), or its per-sample shape, giving D).
+
+    ``offset`` must be given: it converts a density on the model's data range into the probability of the
+    256 integer levels the data came from, :func:`dequantization_offset` -- 8 for data scaled to [0, 1], 7
+    for [-1, 1] (score_sde: ``7 - inverse_scaler(-1)``). It is meaningful for uniformly dequantised data
+    (score_sde evaluates on ``(U + 255 x) / 256``); on the raw quantised values the density is unbounded and
+    the result can be negative. ``offset=0`` gives plain bits per dimension of the continuous density.
+    """
+    if not isinstance(logp, Tensor) or not logp.is_floating_point() or logp.dim() != 1:
+        raise TypeError(f"logp: expected a floating tensor of shape (N,), got {logp!r:.60}")
+    if isinstance(x, Tensor):
+        if x.dim() < 2 or x.shape[0] != logp.shape[0]:
+            raise ValueError(
+                f"x: expected the data batch ({logp.shape[0]}, ...) matching logp, got shape {tuple(x.shape)}"
+            )
+        D = x[0].numel()
+    else:
+        try:
+            D = math.prod(int(s) for s in x)
+        except TypeError:
+            raise TypeError(f"x: expected the data batch or its per-sample shape, got {type(x).__name__}") from None
+    if D < 1:
+        raise ValueError("x: expected at least one dimension per sample")
+    offset = _number(offset, "offset")
+    return -logp / (D * math.log(2.0)) + offset
