@@ -46,4 +46,12 @@ TORCH_LIBRARY(fastscore_C, m) {
       " int sample_offset, Tensor? mask, Tensor? known, Tensor(b!)? x_mean) -> ()");
   m.def("langevin_step_norms(Tensor score, Tensor? noise, int seed, int counter, int sample_offset) -> Tensor");
   m.def("langevin_step_randn(Tensor(a!) out, int seed, int counter, int sample_offset) -> ()");
+
+  // ELU (alpha = 1), elementwise over the flat storage: x dense and non-overlapping (any layout);
+  // out, grad_out, x_t and every result have x's shape, dtype and strides. out may be x (in place).
+  // Backward and jvp take the derivative from x.
+  m.def("elu_fwd(Tensor x) -> Tensor");
+  m.def("elu_fwd_out(Tensor x, Tensor(a!) out) -> ()");
+  m.def("elu_bwd(Tensor grad_out, Tensor x) -> Tensor");
+  m.def("elu_jvp(Tensor x, Tensor x_t) -> Tensor");
 }

@@ -10,6 +10,10 @@ beyond floating-point rounding:
   ``normalizer -> act``, an InstanceNorm++ / conditional instance norm (the fastscore.nn classes) followed
   by ``nn.ELU(alpha=1)`` runs as one call of the norm built with ``act="elu"`` (one statistics pass and
   one apply pass, no separate ELU pass). Any other norm or activation runs as norm, then act.
+* **ELU without a norm** (the RCU and CRP blocks' activations, a norm that cannot carry the ELU):
+  a plain ``nn.ELU(alpha=1)`` runs on :func:`fastscore.ops.elu` (the norms' vectorised expm1 instead of
+  torch's per-element Sleef call; within 1 ulp of expm1 in float32), in place where the block owns the
+  tensor (see below). Any other activation runs as itself.
 * **CRP pooling** (5x5, stride 1, padding 2: max in CRPBlock, count_include_pad average in CondCRPBlock)
   runs on :func:`fastscore.ops.crp_pool`.
 * **Residual adds and sums in place** where the tensor written is a fresh intermediate no backward
@@ -17,8 +21,9 @@ beyond floating-point rounding:
   the CRP and MSF accumulations, the 2x2 mean pool's four-phase sum (kept in the originals' order
   ``((A + B) + C) + D``, then ``/ 4``, so it is bitwise the original's). An add whose result dtype would
   differ from the written tensor's (mixed dtypes under autocast) stays out of place.
-* **ELU in place** on a convolution's output inside RCUBlock (the convolution's backward does not read
-  its output).
+* **ELU in place** on a convolution's output inside RCUBlock: in eager inference on the fused op's
+  ``out=`` (nothing else holds that output); otherwise as ``F.elu(inplace=True)`` (the convolution's
+  backward does not read its output, and ELU's backward reads its result: one saved tensor, not two).
 * **2x2 mean pooling** (ConvMeanPool, MeanPoolConv) sums its four phases into one buffer, and its
   backward hands ``grad / 4`` to each phase in one pass instead of autograd's four zero-filled
   full-size slice gradients (bitwise the same gradient; see :func:`mean_pool_2x2`).
@@ -40,10 +45,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastscore import _backend
 from fastscore.nn import normalization as _norms
 from fastscore.nn import reference as _ref
 from fastscore.nn.reference import get_act
 from fastscore.ops.crp_pool import crp_pool
+from fastscore.ops.elu import elu as _fused_elu
 
 get_normalization = _norms.get_normalization
 
@@ -65,6 +72,8 @@ __all__ = [
     "get_act",
     "build_norm",
     "norm_act",
+    "apply_act",
+    "apply_act_",
     "is_plain_elu",
 ]
 
@@ -87,8 +96,27 @@ def build_norm(normalization, act, *args, **kwargs):
     return normalization(*args, **kwargs)
 
 
+def apply_act(act, x: Tensor) -> Tensor:
+    """``act(x)``, on the fused :func:`fastscore.ops.elu` when ``act`` is a plain ELU; x is not modified."""
+    return _fused_elu(x) if is_plain_elu(act) else act(x)
+
+
+def apply_act_(act, x: Tensor) -> Tensor:
+    """``act(x)`` where the caller owns ``x`` and no backward formula reads it (a convolution's output):
+    written into ``x``. In eager inference, the fused ELU in place; otherwise (autograd, forward-mode AD,
+    torch.func transforms, torch.compile) ``F.elu(inplace=True)``: its backward reads its result, so one
+    tensor is kept for backward where the fused op's would need ``x`` as well (measured: no slower for a
+    training step), it has forward-mode formulas, and Inductor fuses it."""
+    if not is_plain_elu(act):
+        return act(x)
+    if _backend.eager_inference(x):
+        return _fused_elu(x, out=x)
+    return F.elu(x, inplace=True)
+
+
 def norm_act(norm: nn.Module, act, x: Tensor, *y: Tensor) -> Tensor:
-    """``act(norm(x, *y))``: one call when the norm carries the ELU (``norm.act == "elu"``)."""
+    """``act(norm(x, *y))``: one call when the norm carries the ELU (``norm.act == "elu"``); otherwise a
+    plain ELU after the norm runs on the fused op (out of place: a norm may hand back its input)."""
     if getattr(norm, "act", None) == "elu":
         if not is_plain_elu(act):
             raise RuntimeError(
@@ -96,7 +124,7 @@ def norm_act(norm: nn.Module, act, x: Tensor, *y: Tensor) -> Tensor:
                 "rebuild the block (or fastscore.patch the model again) after changing its activation"
             )
         return norm(x, *y)
-    return act(norm(x, *y))
+    return apply_act(act, norm(x, *y))
 
 
 # ---- in-place helpers --------------------------------------------------------------------------------
@@ -255,15 +283,14 @@ class CondRCUBlock(_ref.CondRCUBlock):
 
 
 class RCUBlock(_ref.RCUBlock):
-    """Residual conv units without norms; the ELU of every stage after the first runs in place on the
-    previous convolution's output."""
+    """Residual conv units without norms; a plain ELU runs on the fused op, and in every stage after the
+    first in place on the previous convolution's output (the first stage's input is the residual)."""
 
     def forward(self, x):
-        in_place = is_plain_elu(self.act)
         for stages in _rcu_names(self.n_blocks, self.n_stages, False):
             residual = x
             for j, (_, conv) in enumerate(stages):
-                x = F.elu(x, inplace=True) if in_place and j > 0 else self.act(x)
+                x = apply_act_(self.act, x) if j > 0 else apply_act(self.act, x)
                 x = getattr(self, conv)(x)
             x += residual
         return x
@@ -274,7 +301,7 @@ class CondCRPBlock(_ref.CondCRPBlock):
 
     def forward(self, x, y):
         inputs = x
-        x = self.act(x)
+        x = apply_act(self.act, x)
         path = x
         for i in range(self.n_stages):
             path = self.convs[i](_pool(self.maxpool, self.norms[i](path, y)))
@@ -288,7 +315,7 @@ class CRPBlock(_ref.CRPBlock):
 
     def forward(self, x):
         inputs = x
-        x = self.act(x)
+        x = apply_act(self.act, x)
         path = x
         for i in range(self.n_stages):
             path = self.convs[i](_pool(self.maxpool, path))

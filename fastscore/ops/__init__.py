@@ -4,6 +4,8 @@ from fastscore.ops.cond_instance_norm import cond_instance_norm
 from fastscore.ops.cond_instance_norm import cond_instance_norm_ref
 from fastscore.ops.crp_pool import crp_pool
 from fastscore.ops.crp_pool import crp_pool_ref
+from fastscore.ops.elu import elu
+from fastscore.ops.elu import elu_ref
 from fastscore.ops.hutchinson import exact_divergence
 from fastscore.ops.hutchinson import hutchinson_divergence
 from fastscore.ops.langevin_step import counter_randn
@@ -20,6 +22,8 @@ __all__ = [
     "cond_instance_norm_ref",
     "crp_pool",
     "crp_pool_ref",
+    "elu",
+    "elu_ref",
     "exact_divergence",
     "hutchinson_divergence",
     "counter_randn",
