@@ -1,0 +1,116 @@
+// ELU for the CUDA dispatch key: the torch side of elu.cu. Same checks, outputs and semantics as
+// csrc/cpu/elu.cpp; the kernels take raw pointers, so this file only checks, allocates and maps
+// at::Half / at::BFloat16 onto __half / __nv_bfloat16 (same bits). Built only with a CUDA build of
+// torch (setup.py).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "elu.cuh"
+
+namespace fastscore {
+namespace cuda {
+namespace {
+
+template <typename S>
+struct CudaType {
+  using type = S;
+};
+template <>
+struct CudaType<at::Half> {
+  using type = __half;
+};
+template <>
+struct CudaType<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+template <typename S>
+using cuda_t = typename CudaType<S>::type;
+
+template <typename S>
+cuda_t<S>* ptr(const at::Tensor& t) {
+  return reinterpret_cast<cuda_t<S>*>(t.data_ptr<S>());
+}
+
+// As csrc/cpu/elu.cpp: x dense and non-overlapping; the others with x's shape, dtype, device and strides.
+void check_x(const at::Tensor& x) {
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), "x: expected a floating-point tensor, got ",
+                   x.scalar_type());
+  TORCH_CHECK_VALUE(x.is_non_overlapping_and_dense(), "x: expected a dense, non-overlapping tensor");
+}
+
+void check_same_layout(const at::Tensor& t, const at::Tensor& x, const char* name) {
+  TORCH_CHECK_VALUE(t.sizes() == x.sizes(), name, ": expected shape ", x.sizes(), ", got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), name, ": expected dtype ", x.scalar_type(), ", got ",
+                   t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == x.device(), name, ": expected device ", x.device(), ", got ", t.device());
+  bool same = true;
+  for (int64_t d = 0; d < x.dim(); ++d) same = same && (x.size(d) <= 1 || t.stride(d) == x.stride(d));
+  TORCH_CHECK_VALUE(same, name, ": expected the memory layout (strides) of x");
+}
+
+#define FS_DISPATCH_ELU(x, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, (x).scalar_type(), "elu_cuda", __VA_ARGS__)
+
+void fwd_into(const at::Tensor& x, const at::Tensor& dst) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  FS_DISPATCH_ELU(x, [&] {
+    C10_CUDA_CHECK(
+        elu_fwd(ptr<scalar_t>(x), ptr<scalar_t>(dst), x.numel(), c10::cuda::getCurrentCUDAStream().stream()));
+  });
+}
+
+at::Tensor scaled(const at::Tensor& x, const at::Tensor& v) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor dst = at::empty_like(x);  // x's strides (x is dense)
+  FS_DISPATCH_ELU(x, [&] {
+    C10_CUDA_CHECK(elu_scale(ptr<scalar_t>(x), ptr<scalar_t>(v), ptr<scalar_t>(dst), x.numel(),
+                             c10::cuda::getCurrentCUDAStream().stream()));
+  });
+  return dst;
+}
+
+at::Tensor elu_fwd_cuda(const at::Tensor& x) {
+  check_x(x);
+  at::Tensor out = at::empty_like(x);
+  fwd_into(x, out);
+  return out;
+}
+
+void elu_fwd_out_cuda(const at::Tensor& x, at::Tensor out) {
+  check_x(x);
+  check_same_layout(out, x, "out");
+  // out may be x: each element is read, then written at its own index. Not a partial overlap.
+  if (!out.is_same(x)) at::assert_no_partial_overlap(out, x);
+  fwd_into(x, out);
+}
+
+at::Tensor elu_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& x) {
+  check_x(x);
+  check_same_layout(grad_out, x, "grad_out");
+  return scaled(x, grad_out);
+}
+
+at::Tensor elu_jvp_cuda(const at::Tensor& x, const at::Tensor& x_t) {
+  check_x(x);
+  check_same_layout(x_t, x, "x_t");
+  return scaled(x, x_t);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastscore_C, CUDA, m) {
+  m.impl("elu_fwd", &elu_fwd_cuda);
+  m.impl("elu_fwd_out", &elu_fwd_out_cuda);
+  m.impl("elu_bwd", &elu_bwd_cuda);
+  m.impl("elu_jvp", &elu_jvp_cuda);
+}
+
+}  // namespace cuda
+}  // namespace fastscore
