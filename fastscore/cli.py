@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import platform
 import sys
@@ -77,6 +78,162 @@ def _bench(args) -> int:
     return 0
 
 
+# ---- shared by train / sample / likelihood / demo -------------------------------------------------------------
+
+TOY_DATA = ("gmm", "moons", "swissroll", "checkerboard", "rings")
+
+
+def _user_errors():
+    """The exception types that mean "the user's input is wrong": printed as one line, exit status 1."""
+    from fastscore.data.images import DataError
+    from fastscore.models import CheckpointError
+    from fastscore.models import ConfigError
+    from fastscore.train import TrainError
+
+    return (DataError, CheckpointError, ConfigError, TrainError, FileNotFoundError)
+
+
+def _refuse_overwrite(path, force: bool, what: str = "--out") -> None:
+    if path and os.path.exists(path) and not force:
+        raise CommandError(f"{what} {path!r} exists; pass --force to overwrite it")
+
+
+def _parent_exists(path, what: str = "--out") -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise CommandError(f"{what} {path!r}: folder {parent!r} does not exist")
+
+
+def _set_threads(threads) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _apply_overrides(config, overrides):
+    """``--set section.key=value`` (value parsed as YAML: numbers, true/false, strings) onto a config."""
+    import yaml
+
+    from fastscore.models import get_config
+    from fastscore.models import namespace2dict
+    from fastscore.models.configs import dict2namespace
+
+    config = namespace2dict(get_config(config))
+    for item in overrides or ():
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise CommandError(f"--set {item!r}: expected section.key=value, e.g. model.ema_rate=0.995")
+        node = config
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise CommandError(f"--set {item!r}: the config has no section {part!r}")
+            node = node[part]
+        try:
+            node[parts[-1]] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise CommandError(f"--set {item!r}: cannot parse the value") from None
+    return dict2namespace(config)
+
+
+def _load_data(name, config, *, seed: int = 0, n: int | None = None):
+    """``(data, config)``: a bundled toy distribution (with a ScoreMLP config unless one is given) or image
+    data at the config's size."""
+    from fastscore.data.images import load_dataset
+    from fastscore.models.configs import field
+
+    if name in TOY_DATA:
+        from fastscore.data.toy import toy_sample
+        from fastscore.train import toy_config
+
+        data = toy_sample(name, n or 10000, seed=seed).float()
+        if config is None:
+            return data, toy_config(data, name=name)
+        if field(config, "model.arch", "any", None) != "ScoreMLP":
+            raise CommandError(
+                f"--data {name}: 2-D toy data trains the ScoreMLP; leave out --config or give a ScoreMLP one"
+            )
+        return data, config
+    if config is None:
+        if name != "digits":
+            raise CommandError(f"--data {name!r}: pass --config (a bundled name or a .yml) for the model to train")
+        from fastscore.models import get_config
+
+        config = get_config("demo_digits")
+    size = field(config, "data.image_size", "int+", who="the data")
+    channels = field(config, "data.channels", "int+", who="the data")
+    return load_dataset(name, size, channels, limit=n), config
+
+
+# ---- fastscore train ---------------------------------------------------------------------------------------
+
+
+def _train(args) -> int:
+    from fastscore.train import CHECKPOINT_NAME
+    from fastscore.train import export_checkpoint
+    from fastscore.train import train
+
+    _set_threads(args.threads)
+    out = args.out or os.path.join(
+        "runs",
+        f"{os.path.splitext(os.path.basename(args.config or 'default'))[0]}-"
+        f"{os.path.splitext(os.path.basename(args.data.rstrip('/')))[0]}",
+    )
+    ckpt = os.path.join(out, CHECKPOINT_NAME)
+    if args.resume and not os.path.isfile(ckpt):
+        raise CommandError(f"--resume: no checkpoint {ckpt!r} to continue from")
+    if not args.resume and os.path.exists(ckpt) and not args.force:
+        raise CommandError(f"checkpoint {ckpt!r} exists; pass --resume to continue it or --force to start over")
+    if args.export:
+        _refuse_overwrite(args.export, args.force, what="--export")
+        _parent_exists(args.export, what="--export")
+    try:
+        if args.resume:
+            from fastscore.models.configs import dict2namespace
+            from fastscore.train import checkpoint_meta
+            from fastscore.train import read_checkpoint
+
+            meta = checkpoint_meta(read_checkpoint(ckpt)) or {}
+            config = dict2namespace(meta["config"]) if "config" in meta else None
+            if args.config or args.set:
+                raise CommandError("--resume continues with the run's own config: leave out --config and --set")
+        else:
+            config = _apply_overrides(args.config, args.set) if args.config else None
+            if config is None and args.set:
+                config = _apply_overrides("demo_digits" if args.data == "digits" else None, args.set)
+        data, config = _load_data(args.data, config, seed=args.seed)
+        print(
+            f"train: {len(data)} examples of shape {tuple(data.shape[1:])} from {args.data!r}; writing {out}/",
+            file=sys.stderr,
+        )
+        result = train(
+            config,
+            data,
+            out,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            resume=args.resume,
+            loss=args.loss,
+            snapshot_freq=args.snapshot_freq,
+            data_name=args.data,
+            progress=not args.no_progress,
+        )
+        print(
+            f"trained to step {result.step} in {result.seconds:.0f} s; final loss {result.loss:.4g}; "
+            f"checkpoint {result.checkpoint}"
+        )
+        if result.samples:
+            print(f"samples: {result.samples[-1]}")
+        if args.export:
+            size = export_checkpoint(result.checkpoint, args.export)
+            print(f"exported the EMA weights (float16) to {args.export} ({size / 1e6:.1f} MB)")
+    except _user_errors() as exc:
+        raise CommandError(str(exc)) from None
+    return 0
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -84,6 +241,443 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+# ---- fastscore sample ---------------------------------------------------------------------------------------
+
+SAMPLERS = ("ald", "pc", "ode")
+MASKS = ("left", "right", "top", "bottom", "center")
+
+
+def _output_kind(path: str, kinds=(".png", ".npz")) -> str:
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in kinds:
+        raise CommandError(f"--out {path!r}: expected a {' or '.join(kinds)} file")
+    return ext
+
+
+def _sde_for(model, config, meta, n_steps: int | None):
+    """``(score_fn(x, t), sde)`` for the PC / ODE samplers and likelihoods: the VE SDE spanning the model's
+    noise levels; a label-conditioned network gets the nearest level, ``round((T - t)(L - 1))``, as score_sde
+    feeds its discrete NCSN models (geometric levels: exact on the levels' times)."""
+    import torch
+
+    from fastscore.models import get_sigmas
+    from fastscore.models.configs import field
+    from fastscore.sde import VESDE
+
+    sigmas = get_sigmas(config).cpu()
+    levels = len(sigmas)
+    sde = VESDE(sigma_min=float(sigmas[-1]), sigma_max=float(sigmas[0]), N=n_steps or max(levels, 100))
+    if field(config, "model.arch", "any", None) == "ScoreMLP" and meta.get("loss") == "sde":
+        return (lambda x, t: model(x, t) / sde.marginal_prob(x, t)[1][:, None]), sde
+
+    def score_fn(x, t):
+        return model(x, torch.round((sde.T - t) * (levels - 1)).long().clamp_(0, levels - 1))
+
+    return score_fn, sde
+
+
+def _mask(spec: str, shape):
+    """A (1, C, H, W) mask, 1 on the known pixels: a named half, the border around a centre square, or a
+    .npy / image file (non-zero = known; an image is resized to the model's size)."""
+    import numpy as np
+    import torch
+
+    _, c, h, w = shape
+    mask = torch.zeros(1, c, h, w)
+    if spec == "left":
+        mask[..., : w // 2] = 1
+    elif spec == "right":
+        mask[..., w // 2 :] = 1
+    elif spec == "top":
+        mask[..., : h // 2, :] = 1
+    elif spec == "bottom":
+        mask[..., h // 2 :, :] = 1
+    elif spec == "center":
+        mask.fill_(1)
+        mask[..., h // 4 : h - h // 4, w // 4 : w - w // 4] = 0
+    elif os.path.isfile(spec):
+        if spec.endswith(".npy"):
+            try:
+                array = np.load(spec, allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise CommandError(f"--mask {spec!r} is not a readable .npy file ({exc})") from None
+            given = torch.as_tensor(array, dtype=torch.float32)
+        else:  # an image: its non-zero pixels are the known ones
+            try:
+                from PIL import Image
+
+                with Image.open(spec) as im:
+                    given = torch.as_tensor(np.asarray(im.convert("L").resize((w, h), Image.Resampling.NEAREST)))
+            except ImportError:
+                raise CommandError("--mask: reading an image mask needs Pillow (or give a .npy)") from None
+            except OSError as exc:
+                raise CommandError(f"--mask {spec!r} is neither a .npy nor a readable image ({exc})") from None
+        try:
+            mask = (given != 0).float().expand(1, c, h, w).clone()
+        except RuntimeError:
+            raise CommandError(f"--mask {spec!r}: shape {tuple(given.shape)} does not fit images {(c, h, w)}") from None
+    else:
+        raise CommandError(
+            f"--mask {spec!r}: expected one of {', '.join(MASKS)}, or a .npy / image file (non-zero = known)"
+        )
+    return mask
+
+
+def _timed(fn):
+    import time
+
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def _run_sampler(args, model, config, meta, known=None, mask=None):
+    """The samples (N, ...) in data space ([0, 1] for images) of the sampler ``args.sampler``."""
+    import torch
+
+    from fastscore.data.images import data_transform
+    from fastscore.data.images import inverse_data_transform
+    from fastscore.models import get_sigmas
+    from fastscore.models.configs import field
+    from fastscore.train import sample
+
+    toy = field(config, "model.arch", "any", None) == "ScoreMLP"
+    post = (lambda x: x) if toy else (lambda x: inverse_data_transform(config, x))
+    shape = (
+        (args.n, field(config, "data.dim", "int+"))
+        if toy
+        else (args.n, config.data.channels, config.data.image_size, config.data.image_size)
+    )
+    progress = not args.no_progress
+    with torch.no_grad():
+        if mask is not None:
+            from fastscore.sampling import annealed_langevin_inpainting
+
+            gen = torch.Generator().manual_seed(args.seed)
+            x = data_transform(config, torch.rand(shape, generator=gen))
+            out = annealed_langevin_inpainting(
+                model, x, known, mask, get_sigmas(config).cpu(),
+                n_steps_each=args.steps_each or field(config, "sampling.n_steps_each", "int+", 100),
+                step_lr=args.step_lr or field(config, "sampling.step_lr", "number+", 2e-5),
+                denoise=True, seed=args.seed, progress=progress,
+            )  # fmt: skip
+            return post(out)
+        if args.sampler == "ald":
+            return sample(model, config, args.n, seed=args.seed, n_steps_each=args.steps_each, step_lr=args.step_lr,
+                          progress=progress)  # fmt: skip
+        score_fn, sde = _sde_for(model, config, meta, args.sde_steps)
+        if args.sampler == "pc":
+            from fastscore.sampling import pc_sampler
+
+            out = pc_sampler(score_fn, sde, shape, snr=args.snr, seed=args.seed, progress=progress)
+        else:
+            from fastscore.sampling import ode_sampler
+
+            out = ode_sampler(score_fn, sde, shape, seed=args.seed, rtol=1e-3, atol=1e-3, progress=progress)
+        return post(out)
+
+
+def _load_model(args, layers: str = "fused"):
+    import torch
+
+    from fastscore.models.configs import field
+    from fastscore.train import model_from_checkpoint
+
+    model, config, meta = model_from_checkpoint(args.checkpoint, config=args.config, ema=not args.no_ema, layers=layers)
+    if layers == "fused" and field(config, "model.arch", "any", None) != "ScoreMLP":
+        # channels_last is the fused layers' fastest CPU layout (NCSNv2 module docstring).
+        model = model.to(memory_format=torch.channels_last)
+    return model, config, meta
+
+
+def _sample(args) -> int:
+    import numpy as np
+    import torch
+
+    from fastscore.data.images import atomic_write_bytes
+    from fastscore.data.images import save_image_grid
+    from fastscore.models.configs import field
+
+    kind = _output_kind(args.out)
+    _refuse_overwrite(args.out, args.force)
+    _parent_exists(args.out)
+    if args.mask and args.sampler != "ald":
+        raise CommandError("--mask: inpainting runs annealed Langevin dynamics (--sampler ald)")
+    _set_threads(args.threads)
+    try:
+        model, config, meta = _load_model(args)
+        toy = field(config, "model.arch", "any", None) == "ScoreMLP"
+        if toy and kind == ".png":
+            raise CommandError("--out: a 2-D toy model's samples are points: write an .npz")
+        known = mask = None
+        if args.mask:
+            if toy:
+                raise CommandError("--mask: inpainting needs an image model")
+            data_name = args.data or meta.get("data")
+            if not data_name or data_name == "tensor":
+                raise CommandError("--mask: pass --data (the images whose masked part is kept)")
+            from fastscore.data.images import data_transform
+            from fastscore.data.images import load_dataset
+
+            images = load_dataset(data_name, config.data.image_size, config.data.channels)
+            pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))[: args.n]
+            if len(pick) < args.n:
+                pick = pick.repeat(args.n // len(pick) + 1)[: args.n]
+            known = data_transform(config, images[pick])
+            mask = _mask(args.mask, known.shape)
+        samples, seconds = _timed(lambda: _run_sampler(args, model, config, meta, known, mask))
+        print(f"sampled {args.n} with {args.sampler}{' (inpainting)' if mask is not None else ''} in {seconds:.1f} s")
+        if args.reference:
+            ref_model, _, _ = _load_model(args, layers="reference")
+            _, ref_seconds = _timed(lambda: _run_sampler(args, ref_model, config, meta, known, mask))
+            print(f"reference layers: {ref_seconds:.1f} s; fastscore is {ref_seconds / seconds:.2f}x faster")
+    except _user_errors() as exc:
+        raise CommandError(str(exc)) from None
+    if kind == ".png":
+        if mask is not None:  # the masked inputs above their completions
+            from fastscore.data.images import inverse_data_transform
+
+            shown = inverse_data_transform(config, known) * mask + 0.5 * (1 - mask)
+            samples = torch.cat([shown, samples])
+        save_image_grid(args.out, samples, nrow=None if mask is None else min(args.n, 16), scale=2)
+    else:
+        import io
+
+        buffer = io.BytesIO()
+        np.savez(buffer, samples=samples.float().cpu().numpy())
+        atomic_write_bytes(args.out, buffer.getvalue())
+    print(f"wrote {args.out}")
+    return 0
+
+
+# ---- fastscore likelihood -----------------------------------------------------------------------------------
+
+
+def _likelihood(args) -> int:
+    import math
+
+    import torch
+
+    from fastscore.data.images import data_transform
+    from fastscore.likelihood import bits_per_dim
+    from fastscore.likelihood import dequantization_offset
+    from fastscore.likelihood import log_likelihood
+    from fastscore.models.configs import field
+
+    _set_threads(args.threads)
+    try:
+        model, config, meta = _load_model(args)
+        toy = field(config, "model.arch", "any", None) == "ScoreMLP"
+        data, config = _load_data(args.data, config, seed=args.seed, n=None if not toy else args.n)
+        pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[: args.n]
+        x = data[pick]
+        if not toy:
+            # score_sde evaluates uniformly dequantised data, (255 x + U) / 256, so the offset turns the density
+            # into the probability of the 256 levels.
+            u = torch.rand(x.shape, generator=torch.Generator().manual_seed(args.seed + 1))
+            x = data_transform(config, (x * 255.0 + u) / 256.0)
+        score_fn, sde = _sde_for(model, config, meta, None)
+        with torch.no_grad():
+            (logp, info), seconds = _timed(lambda: log_likelihood(
+                score_fn, sde, x, n_probes=args.probes, seed=args.seed, rtol=args.tol, atol=args.tol,
+                progress=not args.no_progress, return_info=True))  # fmt: skip
+    except _user_errors() as exc:
+        raise CommandError(str(exc)) from None
+    offset = 0.0 if toy else dequantization_offset(0.0, 1.0)
+    bpd = bits_per_dim(logp, x, offset=offset).double()
+    err = float(bpd.std() / math.sqrt(len(bpd))) if len(bpd) > 1 else float("nan")
+    unit = "bits/dim" if not toy else "bits/dim (continuous density)"
+    print(
+        f"{float(bpd.mean()):.3f} +- {err:.3f} {unit} over {len(bpd)} examples of {args.data!r} "
+        f"(standard error of the mean; {seconds:.0f} s, {info.nfe} score evaluations)"
+    )
+    return 0
+
+
+# ---- fastscore demo -----------------------------------------------------------------------------------------
+
+DEMO_CHECKPOINT = "demo_digits.pth"
+# Sampling settings of the full demo (chosen on the shipped checkpoint: see the README).
+DEMO_STEPS_EACH = 10
+DEMO_STEP_LR = 5e-5
+
+
+def shipped_checkpoint() -> str:
+    """The path of the small NCSNv2 digits checkpoint shipped in the package (fastscore/checkpoints/)."""
+    from importlib import resources
+
+    return str(resources.files("fastscore") / "checkpoints" / DEMO_CHECKPOINT)
+
+
+def _median_times(fns: dict, rounds: int) -> dict:
+    """Median seconds per call of each function, timed interleaved (A B A B ...) after one warm-up call each,
+    so that the machine's drift hits every provider alike."""
+    import statistics
+    import time
+
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _demo_digits(out_dir: str, quick: bool) -> str:
+    import torch
+
+    from fastscore.data.images import save_image_grid
+    from fastscore.train import model_from_checkpoint
+    from fastscore.train import sample
+
+    path = shipped_checkpoint()
+    if not os.path.isfile(path):
+        raise CommandError(f"the shipped checkpoint {path!r} is missing: reinstall fastscore")
+    model, config, meta = model_from_checkpoint(path)
+    model = model.to(memory_format=torch.channels_last)
+    n, steps_each = (16, 3) if quick else (64, DEMO_STEPS_EACH)
+    images, seconds = _timed(
+        lambda: sample(model, config, n, seed=0, n_steps_each=steps_each, step_lr=DEMO_STEP_LR, progress=not quick)
+    )
+    target = os.path.join(out_dir, "demo_digits.png")
+    save_image_grid(target, images, nrow=8, scale=4)
+    levels = config.model.num_classes
+    print(f"(1) digits: {n} samples of NCSNv2 ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+          f"trained {meta.get('step', '?')} steps on scikit-learn's digits), annealed Langevin {levels} levels x "
+          f"{steps_each} steps, in {seconds:.1f} s -> {target}")  # fmt: skip
+    return target
+
+
+def _demo_toy(out_dir: str, quick: bool) -> str:
+    import math
+
+    import torch
+
+    from fastscore.data.images import scatter_panels
+    from fastscore.data.toy import ncsn_toy_mixture
+    from fastscore.sampling import annealed_langevin
+    from fastscore.sampling import langevin
+
+    mix = ncsn_toy_mixture()
+    n = 1280
+    start = torch.rand(n, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 16 - 8
+    # ncsn's toy: plain Langevin on the exact data score, lr 0.1 -> step lr/2, 1000 steps; annealed: 10 levels
+    # from 20 down to 1, 100 steps each at lr 0.1 (sigma / sigma_L)^2. The score at level sigma is that of the
+    # mixture whose components have std sigma (ncsn's GMMDistAnneal), i.e. the data convolved with
+    # N(0, sigma^2 - 1).
+    plain = langevin(lambda x: mix.score(x), start, step_size=0.05, n_steps=1000, seed=1)
+    sigmas = torch.exp(torch.linspace(math.log(20.0), 0.0, 10, dtype=torch.float64))
+    extra = (sigmas**2 - 1).clamp_min(0).sqrt()
+    annealed = annealed_langevin(
+        lambda x, labels: mix.score(x, extra[labels]), start, sigmas, n_steps_each=100, step_lr=0.05, denoise=False,
+        seed=2,
+    )  # fmt: skip
+    truth = mix.sample(n, seed=3)
+
+    def weights(x):
+        near = float(((x - torch.tensor([5.0, 5.0], dtype=x.dtype)).norm(dim=1) < (x + 5).norm(dim=1)).double().mean())
+        return near, 1 - near
+
+    target = os.path.join(out_dir, "ncsn_toy.png")
+    titles = [f"data: {weights(truth)[0]:.2f} / {weights(truth)[1]:.2f}",
+              f"Langevin: {weights(plain)[0]:.2f} / {weights(plain)[1]:.2f}",
+              f"annealed Langevin: {weights(annealed)[0]:.2f} / {weights(annealed)[1]:.2f}"]  # fmt: skip
+    scatter_panels(target, [truth, plain, annealed], titles=titles,
+                   colors=[(90, 90, 90), (214, 39, 40), (31, 119, 180)])  # fmt: skip
+    w_plain, w_ann = weights(plain), weights(annealed)
+    print("(2) NCSN toy: 0.8 N((5,5), I) + 0.2 N((-5,-5), I), exact scores, 1280 chains from U[-8, 8]^2")
+    print(f"    recovered weights: Langevin {w_plain[0]:.3f} / {w_plain[1]:.3f}, annealed Langevin "
+          f"{w_ann[0]:.3f} / {w_ann[1]:.3f} (true 0.8 / 0.2) -> {target}")  # fmt: skip
+    return target
+
+
+def _demo_speed(quick: bool) -> None:
+    import torch
+
+    from fastscore.models import get_config
+    from fastscore.models import get_model
+    from fastscore.ops import langevin_step_
+
+    rounds = 3 if quick else 7
+    # (a) one Langevin step on a CIFAR-10-sized batch: ncsnv2's eager update vs the fused in-place kernel.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 3, 32, 32, generator=gen)
+    g = torch.randn(64, 3, 32, 32, generator=gen)
+    step = 1.5e-3
+
+    def eager():
+        noise = torch.randn_like(x)
+        return x + step * g + noise * (2 * step) ** 0.5
+
+    def fused():
+        return langevin_step_(x, g, step, seed=0, counter=0)
+
+    t = _median_times({"eager": eager, "fused": fused}, rounds)
+    print(f"(3) speed, median of {rounds} interleaved rounds, {torch.get_num_threads()} threads:")
+    print(f"    one Langevin step (64x3x32x32): ncsnv2 eager {t['eager'] * 1e3:.2f} ms, fastscore "
+          f"{t['fused'] * 1e3:.2f} ms -> {t['eager'] / t['fused']:.1f}x")  # fmt: skip
+    # (b) one forward of the demo's NCSNv2 at its sampling batch: reference layers vs fused ones.
+    config = get_config("demo_digits")
+    torch.manual_seed(0)
+    reference = get_model(config, layers="reference").eval()
+    fast = get_model(config).eval()
+    fast.load_state_dict(reference.state_dict())
+    fast = fast.to(memory_format=torch.channels_last)
+    batch = 16 if quick else 64
+    xs = torch.rand(batch, 1, 16, 16, generator=gen)
+    xs_cl = xs.contiguous(memory_format=torch.channels_last)
+    labels = torch.zeros(batch, dtype=torch.long)
+    with torch.no_grad():
+        t = _median_times({"eager": lambda: reference(xs, labels), "fused": lambda: fast(xs_cl, labels)}, rounds)
+    print(f"    one NCSNv2 forward (ngf 32, {batch}x1x16x16): ncsnv2 layers {t['eager'] * 1e3:.1f} ms, fastscore "
+          f"{t['fused'] * 1e3:.1f} ms -> {t['eager'] / t['fused']:.1f}x")  # fmt: skip
+
+
+def _demo(args) -> int:
+    import time
+
+    start = time.perf_counter()
+    out_dir = args.out
+    targets = [os.path.join(out_dir, name) for name in ("demo_digits.png", "ncsn_toy.png")]
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise CommandError(f"--out {out_dir!r} is a file, not a folder")
+    for target in targets:
+        _refuse_overwrite(target, args.force, what="output")
+    os.makedirs(out_dir, exist_ok=True)
+    _set_threads(args.threads)
+    try:
+        _demo_digits(out_dir, args.quick)
+        _demo_toy(out_dir, args.quick)
+        _demo_speed(args.quick)
+    except _user_errors() as exc:
+        raise CommandError(str(exc)) from None
+    print(f"demo done in {time.perf_counter() - start:.0f} s; images in {out_dir}/")
+    return 0
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     return value
 
 
@@ -107,6 +701,94 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=_positive_int, default=None, help="timed rounds per provider")
     p.add_argument("--no-record", action="store_true", help="do not append the results to the CSV history")
     p.set_defaults(func=_bench)
+
+    p = sub.add_parser(
+        "train",
+        help="train a score network (annealed DSM, EMA, resumable checkpoints, sample grids)",
+        description="Annealed denoising score matching (or SSM / continuous DSM) as ncsnv2 trains, with EMA "
+        "weights; OUT/checkpoint.pth is rewritten atomically at every snapshot and at the end (ncsnv2's list "
+        "layout) with a grid of samples OUT/samples_<step>.png; --resume continues bitwise where it stopped.",
+    )
+    p.add_argument(
+        "--config",
+        help="a bundled config (demo_digits, demo_tiny, cifar10, ...) or a .yml; default: demo_digits for "
+        "--data digits, a ScoreMLP config for the 2-D toys",
+    )
+    p.add_argument("--data", required=True, help=f"digits, {', '.join(TOY_DATA)}, a folder of images or an .npz")
+    p.add_argument("--steps", type=_positive_int, help="train until this step (default config.training.n_iters)")
+    p.add_argument("--batch-size", type=_positive_int, help="default config.training.batch_size")
+    p.add_argument("--out", help="output folder (default runs/<config>-<data>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--seed", type=_nonnegative_int, default=0, help="seed of weights, data order and noise")
+    p.add_argument("--loss", choices=("dsm", "ssm", "sde"), help="dsm (default), ssm (sliced) or sde (continuous)")
+    p.add_argument("--snapshot-freq", type=_positive_int, help="checkpoint + sample grid every N steps")
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. model.ema_rate=0.995"
+    )
+    p.add_argument("--export", metavar="PATH", help="also write a small sampling checkpoint (EMA weights, float16)")
+    p.add_argument("--threads", type=_positive_int, help="torch CPU threads")
+    p.add_argument("--force", action="store_true", help="start over in an --out that holds a checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser(
+        "sample",
+        help="sample a trained model (annealed Langevin, predictor-corrector or ODE) into a PNG grid or .npz",
+        description="Samples a checkpoint (fastscore train's, or an ncsn/ncsnv2 one with --config) with its EMA "
+        "weights. --mask fills in the unknown part of images from --data; --reference runs the same sampler on "
+        "the plain-PyTorch reference layers as well and prints the speed ratio.",
+    )
+    p.add_argument("--checkpoint", required=True, help="a checkpoint file")
+    p.add_argument("--config", help="the model's config, for checkpoints that carry none (the original repos')")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ald", help="ald (default), pc or ode")
+    p.add_argument("--n", type=_positive_int, default=64, help="number of samples (default 64)")
+    p.add_argument("--seed", type=_nonnegative_int, default=0, help="random seed (default 0)")
+    p.add_argument("--out", required=True, help="grid.png or samples.npz")
+    p.add_argument("--mask", help=f"inpaint: the known part, {', '.join(MASKS)} or a .npy of 0/1")
+    p.add_argument("--data", help="images to inpaint (default: the checkpoint's training data)")
+    p.add_argument("--steps-each", type=_positive_int, help="ald: Langevin steps per noise level")
+    p.add_argument("--step-lr", type=_positive_float, help="ald: step size at the last level")
+    p.add_argument("--sde-steps", type=_positive_int, help="pc: time steps (default max(levels, 100))")
+    p.add_argument("--snr", type=_positive_float, default=0.16, help="pc: corrector signal-to-noise ratio")
+    p.add_argument("--reference", action="store_true", help="also run on reference layers and print the ratio")
+    p.add_argument("--no-ema", action="store_true", help="the raw training weights instead of the EMA ones")
+    p.add_argument("--threads", type=_positive_int, help="torch CPU threads")
+    p.add_argument("--force", action="store_true", help="overwrite --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_sample)
+
+    p = sub.add_parser(
+        "likelihood",
+        help="bits/dim of data under a model's probability-flow ODE, with an error bar",
+        description="Log-likelihoods by the probability-flow ODE of the VE SDE spanning the model's noise levels "
+        "(Hutchinson divergence estimates), on uniformly dequantised data; prints the mean bits/dim and its "
+        "standard error over the examples.",
+    )
+    p.add_argument("--checkpoint", required=True, help="a checkpoint file")
+    p.add_argument("--config", help="the model's config, for checkpoints that carry none")
+    p.add_argument("--data", required=True, help=f"digits, {', '.join(TOY_DATA)}, a folder of images or an .npz")
+    p.add_argument("--n", type=_positive_int, default=16, help="number of examples (default 16)")
+    p.add_argument("--probes", type=_positive_int, default=1, help="Hutchinson probes per evaluation")
+    p.add_argument("--tol", type=_positive_float, default=1e-3, help="ODE rtol = atol (default 1e-3)")
+    p.add_argument("--seed", type=_nonnegative_int, default=0, help="random seed (default 0)")
+    p.add_argument("--no-ema", action="store_true", help="the raw training weights instead of the EMA ones")
+    p.add_argument("--threads", type=_positive_int, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_likelihood)
+
+    p = sub.add_parser(
+        "demo",
+        help="the main job on the bundled default: digits from the shipped model, the NCSN toy, speed ratios",
+        description="(1) samples a grid of handwritten digits from the small NCSNv2 checkpoint shipped in the "
+        "package (OUT/demo_digits.png); (2) reproduces the NCSN toy, Langevin vs annealed Langevin on the 0.8/0.2 "
+        "mixture with exact scores (OUT/ncsn_toy.png) and prints the recovered weights; (3) prints the fused vs "
+        "reference speed ratios of one sampling step and one model forward.",
+    )
+    p.add_argument("--out", default="fastscore-out", help="output folder (default ./fastscore-out)")
+    p.add_argument("--quick", action="store_true", help="fewer samples and steps (seconds, for CI)")
+    p.add_argument("--threads", type=_positive_int, help="torch CPU threads")
+    p.add_argument("--force", action="store_true", help="overwrite the images in --out")
+    p.set_defaults(func=_demo)
     return parser
 
 

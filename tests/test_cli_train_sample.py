@@ -1,0 +1,385 @@
+"""Training, sampling, likelihood and the demo, end to end on tiny settings; data loaders; the CLI's error contract."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from fastscore import cli
+from fastscore.data.images import DataError
+from fastscore.data.images import load_dataset
+from fastscore.data.images import save_image_grid
+from fastscore.data.images import write_png
+from fastscore.models import CheckpointError
+from fastscore.models import get_model
+from fastscore.models import load_checkpoint
+from fastscore.train import EMAHelper
+from fastscore.train import TrainError
+from fastscore.train import export_checkpoint
+from fastscore.train import train
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Bitwise comparisons need one thread count throughout; one thread is also the fastest on a shared CPU.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_npz(tmp_path_factory):
+    """20 random 8x8 RGB images (demo_tiny's input size) as an .npz of uint8 (N, H, W, C)."""
+    path = tmp_path_factory.mktemp("data") / "tiny.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, images=rng.integers(0, 256, size=(20, 8, 8, 3), dtype=np.uint8))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_npz):
+    """A 3-step demo_tiny training run by the command line (checkpoint + exported sampling checkpoint)."""
+    out = tmp_path_factory.mktemp("run")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        status = cli.main(
+            ["train", "--config", "demo_tiny", "--data", tiny_npz, "--steps", "3", "--snapshot-freq", "2",
+             "--out", str(out / "run"), "--export", str(out / "small.pth"), "--no-progress"]
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert status == 0
+    return out
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "fastscore.cli", *args], capture_output=True, text=True, timeout=300, cwd=cwd
+    )
+
+
+def assert_one_line_error(result, status, message):
+    assert result.returncode == status, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def main_in_process(capsys, *args):
+    """cli.main in this process (an uncaught exception fails the test, as a traceback would): (status, out, err)."""
+    try:
+        status = cli.main(list(args))
+    except SystemExit as exc:  # argparse: --help and usage errors
+        status = exc.code
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+# ---- data -------------------------------------------------------------------------------------------------
+
+
+def test_digits_are_rescaled_to_the_model_size_in_unit_range():
+    pytest.importorskip("sklearn")
+    x = load_dataset("digits", 16, 1)
+    assert x.shape == (1797, 1, 16, 16) and x.dtype == torch.float32
+    assert float(x.min()) == 0.0 and float(x.max()) == 1.0
+    rgb = load_dataset("digits", 8, 3, limit=5)
+    assert rgb.shape == (5, 3, 8, 8)
+    assert torch.equal(rgb[:, 0], rgb[:, 2])  # grey repeated into three channels
+
+
+def test_npz_layouts_and_dtypes_give_the_same_images(tmp_path):
+    images = np.random.default_rng(1).integers(0, 256, size=(4, 6, 6, 3), dtype=np.uint8)
+    np.savez(tmp_path / "nhwc.npz", images=images)
+    np.savez(tmp_path / "nchw.npz", x=images.transpose(0, 3, 1, 2).astype(np.float32) / 255)
+    a = load_dataset(tmp_path / "nhwc.npz", 6, 3)
+    b = load_dataset(tmp_path / "nchw.npz", 6, 3)
+    assert a.shape == (4, 3, 6, 6)
+    torch.testing.assert_close(a, b)
+    assert torch.equal(a[0, :, 0, 0], torch.tensor(images[0, 0, 0] / 255.0, dtype=torch.float32))
+
+
+def test_image_folder_loads_what_write_png_wrote(tmp_path):
+    pytest.importorskip("PIL")
+    images = torch.rand(3, 1, 5, 5)
+    for i in range(3):
+        save_image_grid(tmp_path / f"{i}.png", images[i : i + 1], padding=0)
+    (tmp_path / "notes.txt").write_text("not an image")
+    loaded = load_dataset(tmp_path, 5, 1)
+    assert loaded.shape == (3, 1, 5, 5)
+    # 8-bit quantisation is the only difference
+    assert float((loaded - images).abs().max()) <= 0.5 / 255 + 1e-6
+
+
+def test_write_png_is_read_back_exactly_by_pillow(tmp_path):
+    pil = pytest.importorskip("PIL.Image")
+    rgb = np.random.default_rng(2).integers(0, 256, size=(7, 5, 3), dtype=np.uint8)
+    grey = rgb[..., 0].copy()
+    write_png(tmp_path / "rgb.png", rgb)
+    write_png(tmp_path / "grey.png", grey)
+    with pil.open(tmp_path / "rgb.png") as im:
+        assert np.array_equal(np.asarray(im), rgb)
+    with pil.open(tmp_path / "grey.png") as im:
+        assert np.array_equal(np.asarray(im), grey)
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda p: str(p / "missing"), "no data set"),
+        (lambda p: (p / "a.txt").write_text("x") and str(p / "a.txt"), "expected an .npz or .npy"),
+        (lambda p: np.savez(p / "f.npz", images=np.full((2, 4, 4), 2.0)) or str(p / "f.npz"), "must lie in [0, 1]"),
+        (lambda p: np.savez(p / "k.npz", a=np.zeros((2, 4, 4)), b=np.zeros(3)) or str(p / "k.npz"), "no array named"),
+        (lambda p: np.savez(p / "s.npz", images=np.zeros((2, 4))) or str(p / "s.npz"), "expected images of shape"),
+    ],
+)
+def test_bad_data_raises_one_clear_error(tmp_path, make, message):
+    with pytest.raises(DataError, match=None) as info:
+        load_dataset(make(tmp_path), 4, 1)
+    assert message in str(info.value)
+
+
+# ---- EMA, training, checkpoints ---------------------------------------------------------------------------
+
+
+def test_ema_follows_ncsnv2_rule():
+    net = torch.nn.Linear(3, 2)
+    ema = EMAHelper(mu=0.9)
+    ema.register(net)
+    start = {k: v.clone() for k, v in ema.state_dict().items()}
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    ema.update(net)
+    torch.testing.assert_close(ema.state_dict()["weight"], 0.1 * net.weight + 0.9 * start["weight"], rtol=0, atol=0)
+    twin = ema.ema_copy(net)
+    assert torch.equal(twin.weight, ema.state_dict()["weight"]) and not torch.equal(twin.weight, net.weight)
+
+
+def _train_tiny(data, out, **kwargs):
+    kwargs = {"batch_size": 8, "snapshot_freq": 3, "progress": False, "snapshot_samples": 4, **kwargs}
+    return train("demo_tiny", data, out, **kwargs)
+
+
+def test_resume_continues_bitwise(tmp_path):
+    """Stopping at step 3 (mid-epoch, with a sample grid written) and resuming to 7 gives the weights, EMA
+    and optimizer state of one run to 7, bitwise; the data order crosses an epoch boundary on the way."""
+    data = torch.rand(20, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    straight = _train_tiny(data, tmp_path / "a", steps=7, seed=5)
+    _train_tiny(data, tmp_path / "b", steps=3, seed=5)
+    resumed = _train_tiny(data, tmp_path / "b", steps=7, resume=True)
+    assert resumed.losses == straight.losses[3:]
+    a = torch.load(tmp_path / "a" / "checkpoint.pth", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=True)
+    assert a[2:4] == b[2:4] == [2, 7]  # (epoch, step): 20 examples in batches of 8, 8, 4: 3 per epoch
+    for i in (0, 4):
+        assert a[i].keys() == b[i].keys()
+        for key in a[i]:
+            assert torch.equal(a[i][key], b[i][key]), key
+    for p, q in zip(a[1]["state"].values(), b[1]["state"].values()):
+        assert all(torch.equal(p[k], q[k]) for k in p)
+    assert os.path.isfile(tmp_path / "b" / "samples_3.png") and os.path.isfile(tmp_path / "b" / "samples_6.png")
+
+
+def test_resume_refuses_a_finished_or_different_run(tmp_path):
+    data = torch.rand(8, 3, 8, 8)
+    _train_tiny(data, tmp_path, steps=2)
+    with pytest.raises(TrainError, match="already at step 2"):
+        _train_tiny(data, tmp_path, steps=2, resume=True)
+    with pytest.raises(TrainError, match="started with loss dsm, not ssm"):
+        _train_tiny(data, tmp_path, steps=4, resume=True, loss="ssm")
+
+
+def test_checkpoint_is_ncsnv2_layout_and_loads_with_ema(tmp_path):
+    data = torch.rand(8, 3, 8, 8)
+    result = _train_tiny(data, tmp_path, steps=2)
+    ckpt = torch.load(result.checkpoint, weights_only=True)
+    assert isinstance(ckpt, list) and isinstance(ckpt[0], dict) and isinstance(ckpt[4], dict)
+    model = load_checkpoint(result.checkpoint, get_model("demo_tiny"))
+    for name, param in model.named_parameters():
+        assert torch.equal(param, ckpt[4][name])  # EMA weights by default
+    raw = load_checkpoint(result.checkpoint, get_model("demo_tiny"), ema=False)
+    assert any(not torch.equal(p, ckpt[4][n]) for n, p in raw.named_parameters())
+    size = export_checkpoint(result.checkpoint, tmp_path / "small.pth")
+    assert size < os.path.getsize(result.checkpoint) / 3
+    small = load_checkpoint(tmp_path / "small.pth", get_model("demo_tiny"))
+    for name, param in small.named_parameters():
+        torch.testing.assert_close(param, ckpt[4][name], rtol=1e-3, atol=1e-4)
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_checkpoint(tmp_path / "small.pth", get_model("demo_digits"))
+
+
+def test_training_lowers_the_toy_loss():
+    from fastscore.data.toy import toy_sample
+    from fastscore.train import toy_config
+
+    data = toy_sample("gmm", 2000, seed=0)
+    config = toy_config(data, name="gmm")
+    config.training.snapshot_freq = 1000
+    result = train(config, data, os.path.join(os.environ.get("TMPDIR", "/tmp"), f"fs-toy-{os.getpid()}"), steps=200,
+                   progress=False)  # fmt: skip
+    first, last = np.mean(result.losses[:20]), np.mean(result.losses[-20:])
+    assert last < 0.8 * first, (first, last)
+
+
+# ---- the command line ---------------------------------------------------------------------------------------
+
+
+def test_train_command_writes_checkpoint_samples_and_export(tiny_run):
+    run = tiny_run / "run"
+    assert sorted(os.listdir(run)) == ["checkpoint.pth", "samples_2.png", "samples_3.png"]
+    assert os.path.getsize(tiny_run / "small.pth") < os.path.getsize(run / "checkpoint.pth")
+
+
+@pytest.mark.parametrize("sampler", ["ald", "pc", "ode"])
+def test_sample_command_writes_npz(tiny_run, tmp_path, sampler, capsys):
+    out = tmp_path / "s.npz"
+    args = ["sample", "--checkpoint", str(tiny_run / "small.pth"), "--sampler", sampler, "--n", "3", "--seed", "1",
+            "--steps-each", "1", "--sde-steps", "2", "--out", str(out), "--no-progress"]  # fmt: skip
+    assert cli.main(args) == 0
+    samples = np.load(out)["samples"]
+    assert samples.shape == (3, 3, 8, 8) and np.isfinite(samples).all()
+    assert samples.min() >= 0 and samples.max() <= 1
+    assert f"sampled 3 with {sampler}" in capsys.readouterr().out
+    # the same seed gives the same samples
+    again = tmp_path / "again.npz"
+    assert cli.main(args[:-2] + [str(again), "--no-progress"]) == 0
+    assert np.array_equal(np.load(again)["samples"], samples)
+
+
+def test_sample_inpainting_and_reference_ratio(tiny_run, tiny_npz, tmp_path, capsys):
+    out = tmp_path / "inpainted.png"
+    args = ["sample", "--checkpoint", str(tiny_run / "run" / "checkpoint.pth"), "--n", "2", "--steps-each", "1",
+            "--mask", "left", "--data", tiny_npz, "--reference", "--out", str(out), "--no-progress"]  # fmt: skip
+    assert cli.main(args) == 0
+    text = capsys.readouterr().out
+    assert "(inpainting)" in text and "x faster" in text
+    assert out.read_bytes().startswith(b"\x89PNG")
+
+
+def test_likelihood_prints_bits_per_dim_with_error_bar(tiny_run, tiny_npz, capsys):
+    args = ["likelihood", "--checkpoint", str(tiny_run / "small.pth"), "--data", tiny_npz, "--n", "2", "--tol", "1e-2",
+            "--no-progress"]  # fmt: skip
+    assert cli.main(args) == 0
+    line = capsys.readouterr().out.strip()
+    mean, _, err = line.split()[:3]
+    assert np.isfinite(float(mean)) and float(err) >= 0 and "bits/dim" in line
+
+
+def test_demo_quick_writes_both_images(tmp_path, capsys):
+    assert os.path.isfile(cli.shipped_checkpoint())
+    assert cli.main(["demo", "--quick", "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    for name in ("demo_digits.png", "ncsn_toy.png"):
+        assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
+    assert "annealed Langevin 0.7" in text or "annealed Langevin 0.8" in text  # the 0.8 / 0.2 weights recovered
+    assert "one Langevin step" in text and "one NCSNv2 forward" in text
+
+
+def test_refuses_to_overwrite_and_leaves_the_file_alone(tiny_run, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    out.write_bytes(b"precious")
+    status, _, err = main_in_process(capsys, "sample", "--checkpoint", str(tiny_run / "small.pth"), "--out", str(out))
+    assert status == 1 and "exists; pass --force" in err
+    assert out.read_bytes() == b"precious"
+    before = (tiny_run / "run" / "checkpoint.pth").read_bytes()
+    status, _, err = main_in_process(capsys, "train", "--config", "demo_tiny", "--data", "digits", "--out",
+                                     str(tiny_run / "run"))  # fmt: skip
+    assert status == 1 and "exists; pass --resume to continue it or --force" in err
+    assert (tiny_run / "run" / "checkpoint.pth").read_bytes() == before
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "ncsn_toy.png").write_bytes(b"mine")
+    status, _, err = main_in_process(capsys, "demo", "--quick", "--out", str(tmp_path / "demo"))
+    assert status == 1 and "ncsn_toy.png' exists" in err
+    assert os.listdir(tmp_path / "demo") == ["ncsn_toy.png"]
+
+
+@pytest.mark.parametrize(
+    "args,status,message",
+    [
+        (["train", "--config", "demo_tiny"], 2, "the following arguments are required: --data"),
+        (["train", "--config", "demo_tiny", "--data", "x", "--steps", "0"], 2, "--steps: expected a positive integer"),
+        (["train", "--config", "no_such_config", "--data", "digits"], 1, "unknown config 'no_such_config'"),
+        (["train", "--config", "demo_tiny", "--data", "/no/such/dir"], 1, "no data set '/no/such/dir'"),
+        (["train", "--data", "digits", "--resume", "--out", "/no/such/run"], 1, "--resume: no checkpoint"),
+        (["train", "--data", "digits", "--set", "oops"], 1, "--set 'oops': expected section.key=value"),
+        (["sample", "--checkpoint", "/no/such.pth", "--out", "x.png"], 1, "does not exist"),
+        (["sample", "--checkpoint", "c.pth", "--out", "x.jpg"], 1, "expected a .png or .npz file"),
+        (["sample", "--checkpoint", "c.pth", "--out", "x.png", "--sampler", "ddim"], 2, "invalid choice: 'ddim'"),
+        (["sample", "--checkpoint", "c.pth", "--out", "/no/dir/x.png"], 1, "does not exist"),
+        (["likelihood", "--checkpoint", "/no/such.pth", "--data", "digits"], 1, "does not exist"),
+        (["demo", "--threads", "0"], 2, "--threads: expected a positive integer"),
+    ],
+)
+def test_bad_arguments_exit_nonzero_with_one_line(tmp_path, monkeypatch, capsys, args, status, message):
+    monkeypatch.chdir(tmp_path)
+    got, _, err = main_in_process(capsys, *args)
+    lines = err.strip().splitlines()
+    assert got == status and len(lines) == 1 and message in lines[0], err
+    assert os.listdir(tmp_path) == []  # nothing written
+
+
+def test_a_bad_argument_in_a_real_process_prints_no_traceback(tmp_path):
+    assert_one_line_error(run_cli("train", "--config", "demo_tiny", "--data", "nope", cwd=tmp_path), 1, "no data set")
+    assert_one_line_error(run_cli("sample", "--n", "-1", cwd=tmp_path), 2, "--n: expected a positive integer")
+
+
+def test_checkpoint_of_another_architecture_is_a_clear_error(tiny_run, tmp_path, capsys):
+    status, _, err = main_in_process(capsys, "sample", "--checkpoint", str(tiny_run / "small.pth"), "--config",
+                                     "demo_digits", "--out", str(tmp_path / "x.png"))  # fmt: skip
+    assert status == 1 and len(err.strip().splitlines()) == 1 and "does not fit NCSNv2" in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_every_new_command_has_help(capsys):
+    for command in ("train", "sample", "likelihood", "demo"):
+        status, out, _ = main_in_process(capsys, command, "--help")
+        assert status == 0 and f"usage: fastscore {command}" in out
+
+
+def test_masks_named_and_from_files(tmp_path):
+    left = cli._mask("left", (1, 3, 4, 4))
+    assert left.shape == (1, 3, 4, 4) and left[..., :2].eq(1).all() and left[..., 2:].eq(0).all()
+    centre = cli._mask("center", (1, 1, 8, 8))
+    assert centre.sum() == 64 - 16 and centre[0, 0, 3, 3] == 0
+    np.save(tmp_path / "m.npy", np.eye(4))
+    assert torch.equal(cli._mask(str(tmp_path / "m.npy"), (1, 2, 4, 4))[0, 1], torch.eye(4))
+    with pytest.raises(cli.CommandError, match="does not fit images"):
+        cli._mask(str(tmp_path / "m.npy"), (1, 1, 5, 5))
+    with pytest.raises(cli.CommandError, match="expected one of left"):
+        cli._mask("diagonal", (1, 1, 4, 4))
+
+
+def test_train_command_resumes_and_refuses_a_new_config(tiny_npz, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    base = ["train", "--data", tiny_npz, "--out", out, "--no-progress"]
+    assert cli.main(base + ["--config", "demo_tiny", "--steps", "2"]) == 0
+    assert cli.main(base + ["--steps", "3", "--resume"]) == 0
+    assert "trained to step 3" in capsys.readouterr().out
+    assert torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)[3] == 3
+    status, _, err = main_in_process(capsys, *base, "--steps", "4", "--resume", "--config", "demo_tiny")
+    assert status == 1 and "leave out --config" in err
+
+
+def test_toy_data_trains_a_score_mlp_and_samples_points(tmp_path, capsys):
+    out = str(tmp_path / "toy")
+    assert cli.main(["train", "--data", "moons", "--steps", "5", "--out", out, "--no-progress"]) == 0
+    ckpt = os.path.join(out, "checkpoint.pth")
+    assert cli.main(["sample", "--checkpoint", ckpt, "--n", "10", "--steps-each", "1", "--out",
+                     str(tmp_path / "p.npz"), "--no-progress"]) == 0  # fmt: skip
+    points = np.load(tmp_path / "p.npz")["samples"]
+    assert points.shape == (10, 2) and np.isfinite(points).all()
+    status, _, err = main_in_process(capsys, "sample", "--checkpoint", ckpt, "--out", str(tmp_path / "p.png"))
+    assert status == 1 and "write an .npz" in err
+
+
+@pytest.mark.parametrize("loss", ["ssm", "sde"])
+def test_other_losses_train_an_image_model(tmp_path, loss):
+    data = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    result = _train_tiny(data, tmp_path, steps=2, loss=loss, snapshot_samples=0)
+    assert len(result.losses) == 2 and all(np.isfinite(result.losses))
+    assert torch.load(result.checkpoint, weights_only=True)[5]["loss"] == loss
