@@ -10,18 +10,10 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "cuda_dtypes.cuh"
+
 namespace fastscore {
 namespace cuda {
-
-// Statistics, parameters and all arithmetic: float64 for double, float32 for float, half, bfloat16.
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
 
 // One (N, C) parameter read through its strides (an unconditional (C,) parameter arrives expanded,
 // s0 = 0). A null ptr is an absent parameter and reads as 0.

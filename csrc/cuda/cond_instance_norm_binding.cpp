@@ -10,6 +10,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "binding_utils.h"
 #include "checks.h"
 #include "common_math.h"
 #include "cond_instance_norm.cuh"
@@ -17,32 +18,6 @@
 namespace fastscore {
 namespace cuda {
 namespace {
-
-template <typename S>
-struct CudaType {
-  using type = S;
-};
-template <>
-struct CudaType<at::Half> {
-  using type = __half;
-};
-template <>
-struct CudaType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
-
-template <typename S>
-using cuda_t = typename CudaType<S>::type;
-
-template <typename S>
-cuda_t<S>* ptr(const at::Tensor& t) {
-  return reinterpret_cast<cuda_t<S>*>(t.data_ptr<S>());
-}
-
-template <typename S>
-const cuda_t<S>* ptr(const c10::optional<at::Tensor>& t) {
-  return t.has_value() ? ptr<S>(*t) : nullptr;
-}
 
 template <typename A>
 CinRows<A> rows_of(const c10::optional<at::Tensor>& t) {

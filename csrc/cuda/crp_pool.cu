@@ -34,15 +34,6 @@ using namespace fastscore::crp;
 
 constexpr int kThreads = 256;
 
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-
 // Output tiles per layout: TC channels x TH rows x TW columns, and the halo'd input tile around it.
 template <bool CL>
 struct Tile;
@@ -57,26 +48,6 @@ struct Tile<true> {  // NHWC: 4 x 4 pixels of 32 adjacent channels (a warp reads
 
 enum OutKind : int { kOutValue = 0, kOutCode = 1, kOutPick = 2 };
 constexpr uint8_t kNoCode = 255;  // an off-image output: names no input
-
-// torch builds .cu files with __CUDA_NO_HALF_CONVERSIONS__ / __CUDA_NO_BFLOAT16_CONVERSIONS__, so every
-// conversion is spelled out (round to nearest even, as c10::Half / c10::BFloat16).
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-
-template <typename T>
-__device__ __forceinline__ T from_acc(typename AccOf<T>::type v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_acc<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 // Where the tensors are and which tile a block owns. Element (n, c, h, w) sits at
 // n * sN + c * sC + h * sH + w * sW (NCHW or NHWC strides).

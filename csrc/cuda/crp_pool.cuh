@@ -10,6 +10,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "cuda_dtypes.cuh"
+
 namespace fastscore {
 namespace cuda {
 

@@ -11,6 +11,7 @@
 
 #include <string>
 
+#include "binding_utils.h"
 #include "checks.h"
 #include "crp_pool.cuh"
 #include "crp_pool_math.h"
@@ -18,27 +19,6 @@
 namespace fastscore {
 namespace cuda {
 namespace {
-
-template <typename S>
-struct CudaType {
-  using type = S;
-};
-template <>
-struct CudaType<at::Half> {
-  using type = __half;
-};
-template <>
-struct CudaType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
-
-template <typename S>
-using cuda_t = typename CudaType<S>::type;
-
-template <typename S>
-cuda_t<S>* ptr(const at::Tensor& t) {
-  return reinterpret_cast<cuda_t<S>*>(t.data_ptr<S>());
-}
 
 int parse_mode(c10::string_view mode) {
   if (mode == "max") return crp::kMax;

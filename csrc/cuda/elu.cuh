@@ -9,6 +9,8 @@
 
 #include <cstdint>
 
+#include "cuda_dtypes.cuh"
+
 namespace fastscore {
 namespace cuda {
 

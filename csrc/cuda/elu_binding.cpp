@@ -10,33 +10,13 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "binding_utils.h"
 #include "checks.h"
 #include "elu.cuh"
 
 namespace fastscore {
 namespace cuda {
 namespace {
-
-template <typename S>
-struct CudaType {
-  using type = S;
-};
-template <>
-struct CudaType<at::Half> {
-  using type = __half;
-};
-template <>
-struct CudaType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
-
-template <typename S>
-using cuda_t = typename CudaType<S>::type;
-
-template <typename S>
-cuda_t<S>* ptr(const at::Tensor& t) {
-  return reinterpret_cast<cuda_t<S>*>(t.data_ptr<S>());
-}
 
 // As csrc/cpu/elu.cpp: x dense and non-overlapping; the others with x's shape, dtype, device and strides.
 void check_x(const at::Tensor& x) {

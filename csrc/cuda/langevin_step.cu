@@ -31,35 +31,15 @@ constexpr int kWarp = 32;
 constexpr int64_t kPiece = 8192;  // elements per norms block
 constexpr int kBlocksPerSm = 8;   // grid-stride cap for the elementwise kernels
 
-// torch builds .cu files with __CUDA_NO_HALF_CONVERSIONS__ / __CUDA_NO_BFLOAT16_CONVERSIONS__, so every
-// conversion is spelled out (round to nearest even, as c10::Half / c10::BFloat16).
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-
-template <typename T>
-__device__ __forceinline__ T from_acc(typename LgvAcc<T>::type v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_acc<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
 // float -> T for the noise itself (randn): float64 exactly, the rest rounded to nearest even.
 template <typename T>
 __device__ __forceinline__ T from_float(float v) {
-  return from_acc<T>(typename LgvAcc<T>::type(v));
+  return from_acc<T>(typename AccOf<T>::type(v));
 }
 
 // ---- update ---------------------------------------------------------------------------------------------
 
-template <bool GIVEN, bool GENERAL, typename T, typename acc_t = typename LgvAcc<T>::type>
+template <bool GIVEN, bool GENERAL, typename T, typename acc_t = typename AccOf<T>::type>
 __global__ void __launch_bounds__(kThreads) update_kernel(const LgvArgs<T> p, uint64_t first_block, uint64_t blocks) {
   const PhiloxKey key = philox_key(p.seed, p.counter);
   const uint64_t total = uint64_t(p.N) * uint64_t(p.D);
@@ -99,7 +79,7 @@ __device__ __forceinline__ R warp_sum(R v) {
 }
 
 // Sums in the compute type (float64 for double), partials in the same type.
-template <bool GIVEN, typename T, typename acc_t = typename LgvAcc<T>::type>
+template <bool GIVEN, typename T, typename acc_t = typename AccOf<T>::type>
 __global__ void __launch_bounds__(kThreads) norms_kernel(const T* __restrict__ score, const T* __restrict__ noise,
                                                          int64_t D, int64_t pieces, uint64_t seed, uint64_t counter,
                                                          uint64_t e_base, acc_t* __restrict__ partial) {
@@ -198,7 +178,7 @@ int64_t lgv_norm_pieces(int64_t D) { return std::max<int64_t>(1, (D + kPiece - 1
 
 template <typename T>
 cudaError_t lgv_norms(const T* score, const T* noise, int64_t N, int64_t D, uint64_t seed, uint64_t counter,
-                      uint64_t e_base, typename LgvAcc<T>::type* partial, cudaStream_t stream) {
+                      uint64_t e_base, typename AccOf<T>::type* partial, cudaStream_t stream) {
   if (N == 0 || D == 0) return cudaSuccess;
   const int64_t pieces = lgv_norm_pieces(D);
   const dim3 grid{unsigned(pieces), unsigned(N)};  // N <= 65535 is checked by the caller
@@ -220,7 +200,7 @@ cudaError_t lgv_randn(T* out, int64_t total, uint64_t seed, uint64_t counter, ui
 #define FS_LGV_INSTANTIATE(T)                                                                                    \
   template cudaError_t lgv_update<T>(const LgvArgs<T>&, cudaStream_t);                                           \
   template cudaError_t lgv_norms<T>(const T*, const T*, int64_t, int64_t, uint64_t, uint64_t, uint64_t,         \
-                                    typename LgvAcc<T>::type*, cudaStream_t);                                    \
+                                    typename AccOf<T>::type*, cudaStream_t);                                    \
   template cudaError_t lgv_randn<T>(T*, int64_t, uint64_t, uint64_t, uint64_t, cudaStream_t);
 
 FS_LGV_INSTANTIATE(double)

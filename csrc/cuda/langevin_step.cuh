@@ -10,18 +10,10 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "cuda_dtypes.cuh"
+
 namespace fastscore {
 namespace cuda {
-
-// The update's coefficients and all arithmetic: float64 for double, float32 for float, half, bfloat16.
-template <typename T>
-struct LgvAcc {
-  using type = float;
-};
-template <>
-struct LgvAcc<double> {
-  using type = double;
-};
 
 // One call, as csrc/cpu/langevin_step.cpp's UpdateArgs. x, score, noise, x_mean: (N, ...) in one layout,
 // sample n at n * D; logical element i of a sample sits at (i / L) * row_stride + (i % L) * es within it
@@ -31,7 +23,7 @@ struct LgvAcc<double> {
 // (seed, counter) (csrc/include/langevin_step_math.h), unless `noise` is given.
 template <typename T>
 struct LgvArgs {
-  using acc_t = typename LgvAcc<T>::type;
+  using acc_t = typename AccOf<T>::type;
   int64_t N = 0, D = 0, L = 1, row_stride = 1, es = 1;
   T* x = nullptr;
   const T* score = nullptr;
@@ -55,7 +47,7 @@ int64_t lgv_norm_pieces(int64_t D);
 // partial (N, pieces, 2) in the compute type: per piece of a sample (memory order), the sums of score^2 and z^2.
 template <typename T>
 cudaError_t lgv_norms(const T* score, const T* noise, int64_t N, int64_t D, uint64_t seed, uint64_t counter,
-                      uint64_t e_base, typename LgvAcc<T>::type* partial, cudaStream_t stream);
+                      uint64_t e_base, typename AccOf<T>::type* partial, cudaStream_t stream);
 
 // out[j] = the normal of global element e_base + j, for j < total (out contiguous).
 template <typename T>

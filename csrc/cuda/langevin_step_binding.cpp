@@ -12,38 +12,13 @@
 
 #include <algorithm>
 
+#include "binding_utils.h"
 #include "checks.h"
 #include "langevin_step.cuh"
 
 namespace fastscore {
 namespace cuda {
 namespace {
-
-template <typename S>
-struct CudaType {
-  using type = S;
-};
-template <>
-struct CudaType<at::Half> {
-  using type = __half;
-};
-template <>
-struct CudaType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
-
-template <typename S>
-using cuda_t = typename CudaType<S>::type;
-
-template <typename S>
-cuda_t<S>* ptr(const at::Tensor& t) {
-  return reinterpret_cast<cuda_t<S>*>(t.data_ptr<S>());
-}
-
-template <typename S>
-const cuda_t<S>* ptr(const c10::optional<at::Tensor>& t) {
-  return t.has_value() ? ptr<S>(*t) : nullptr;
-}
 
 #define FS_DISPATCH_LGV(t, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, (t).scalar_type(), "langevin_step_cuda", __VA_ARGS__)
