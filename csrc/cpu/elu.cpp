@@ -114,25 +114,6 @@ FS_TARGET_CLONES void scale_chunk(const scalar_t* __restrict__ x, const scalar_t
 // second thread costs more than it saves).
 constexpr int64_t kGrain = 16384;
 
-// x dense and non-overlapping (any order of its dimensions): its numel elements fill one range.
-void check_x(const at::Tensor& x) {
-  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), "x: expected a floating-point tensor, got ",
-                   x.scalar_type());
-  TORCH_CHECK_VALUE(x.is_non_overlapping_and_dense(), "x: expected a dense, non-overlapping tensor");
-}
-
-// t is laid out as x: same shape, dtype, device, and the same strides on every dimension of size
-// above 1 (so element e of the flat storage is the same element of both).
-void check_same_layout(const at::Tensor& t, const at::Tensor& x, const char* name) {
-  TORCH_CHECK_VALUE(t.sizes() == x.sizes(), name, ": expected shape ", x.sizes(), ", got ", t.sizes());
-  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), name, ": expected dtype ", x.scalar_type(), ", got ",
-                   t.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == x.device(), name, ": expected device ", x.device(), ", got ", t.device());
-  bool same = true;
-  for (int64_t d = 0; d < x.dim(); ++d) same = same && (x.size(d) <= 1 || t.stride(d) == x.stride(d));
-  TORCH_CHECK_VALUE(same, name, ": expected the memory layout (strides) of x");
-}
-
 // float, bfloat16, float16 run the kernels above. float64 runs ATen's own ELU: its vectorised
 // double expm1 (Sleef) beats the per-element libm call that common_math.h's float64 path makes
 // (~3x here), and float64 is for checking (gradcheck), where torch's own numerics are the point.
@@ -175,7 +156,7 @@ at::Tensor scaled(const at::Tensor& x, const at::Tensor& v) {
 }
 
 at::Tensor elu_fwd(const at::Tensor& x) {
-  check_x(x);
+  check_dense_float(x, "x");
   at::Tensor out = at::empty_like(x);
   advise_huge_pages(out.data_ptr(), out.nbytes());
   fwd_into(x, out);
@@ -183,8 +164,8 @@ at::Tensor elu_fwd(const at::Tensor& x) {
 }
 
 void elu_fwd_out(const at::Tensor& x, at::Tensor out) {
-  check_x(x);
-  check_same_layout(out, x, "out");
+  check_dense_float(x, "x");
+  check_same_strides(out, x, "out");
   // out may be x (or another view of exactly x's memory): each element is read before it is
   // written at the same index. A partial overlap would read elements already overwritten.
   if (!out.is_same(x)) at::assert_no_partial_overlap(out, x);
@@ -192,14 +173,14 @@ void elu_fwd_out(const at::Tensor& x, at::Tensor out) {
 }
 
 at::Tensor elu_bwd(const at::Tensor& grad_out, const at::Tensor& x) {
-  check_x(x);
-  check_same_layout(grad_out, x, "grad_out");
+  check_dense_float(x, "x");
+  check_same_strides(grad_out, x, "grad_out");
   return scaled(x, grad_out);
 }
 
 at::Tensor elu_jvp(const at::Tensor& x, const at::Tensor& x_t) {
-  check_x(x);
-  check_same_layout(x_t, x, "x_t");
+  check_dense_float(x, "x");
+  check_same_strides(x_t, x, "x_t");
   return scaled(x, x_t);
 }
 

@@ -18,23 +18,6 @@ namespace fastscore {
 namespace cuda {
 namespace {
 
-// As csrc/cpu/elu.cpp: x dense and non-overlapping; the others with x's shape, dtype, device and strides.
-void check_x(const at::Tensor& x) {
-  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), "x: expected a floating-point tensor, got ",
-                   x.scalar_type());
-  TORCH_CHECK_VALUE(x.is_non_overlapping_and_dense(), "x: expected a dense, non-overlapping tensor");
-}
-
-void check_same_layout(const at::Tensor& t, const at::Tensor& x, const char* name) {
-  TORCH_CHECK_VALUE(t.sizes() == x.sizes(), name, ": expected shape ", x.sizes(), ", got ", t.sizes());
-  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), name, ": expected dtype ", x.scalar_type(), ", got ",
-                   t.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == x.device(), name, ": expected device ", x.device(), ", got ", t.device());
-  bool same = true;
-  for (int64_t d = 0; d < x.dim(); ++d) same = same && (x.size(d) <= 1 || t.stride(d) == x.stride(d));
-  TORCH_CHECK_VALUE(same, name, ": expected the memory layout (strides) of x");
-}
-
 #define FS_DISPATCH_ELU(x, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, (x).scalar_type(), "elu_cuda", __VA_ARGS__)
 
@@ -57,29 +40,29 @@ at::Tensor scaled(const at::Tensor& x, const at::Tensor& v) {
 }
 
 at::Tensor elu_fwd_cuda(const at::Tensor& x) {
-  check_x(x);
+  check_dense_float(x, "x");
   at::Tensor out = at::empty_like(x);
   fwd_into(x, out);
   return out;
 }
 
 void elu_fwd_out_cuda(const at::Tensor& x, at::Tensor out) {
-  check_x(x);
-  check_same_layout(out, x, "out");
+  check_dense_float(x, "x");
+  check_same_strides(out, x, "out");
   // out may be x: each element is read, then written at its own index. Not a partial overlap.
   if (!out.is_same(x)) at::assert_no_partial_overlap(out, x);
   fwd_into(x, out);
 }
 
 at::Tensor elu_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& x) {
-  check_x(x);
-  check_same_layout(grad_out, x, "grad_out");
+  check_dense_float(x, "x");
+  check_same_strides(grad_out, x, "grad_out");
   return scaled(x, grad_out);
 }
 
 at::Tensor elu_jvp_cuda(const at::Tensor& x, const at::Tensor& x_t) {
-  check_x(x);
-  check_same_layout(x_t, x, "x_t");
+  check_dense_float(x, "x");
+  check_same_strides(x_t, x, "x_t");
   return scaled(x, x_t);
 }
 

@@ -44,4 +44,23 @@ inline void check_optional_rows(const c10::optional<at::Tensor>& p, const char* 
   if (p.has_value()) check_rows(*p, name, N, C, dtype, device);
 }
 
+// Any shape, dense and non-overlapping (the elementwise kernels walk the storage in memory order).
+inline void check_dense_float(const at::Tensor& x, const char* name) {
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), name, ": expected a floating-point tensor, got ",
+                   x.scalar_type());
+  TORCH_CHECK_VALUE(x.is_non_overlapping_and_dense(), name, ": expected a dense, non-overlapping tensor");
+}
+
+// t is laid out as x: same shape, dtype, device, and the same strides on every dimension of size
+// above 1 (so element e of the flat storage is the same element of both).
+inline void check_same_strides(const at::Tensor& t, const at::Tensor& x, const char* name) {
+  TORCH_CHECK_VALUE(t.sizes() == x.sizes(), name, ": expected shape ", x.sizes(), ", got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), name, ": expected dtype ", x.scalar_type(), ", got ",
+                   t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == x.device(), name, ": expected device ", x.device(), ", got ", t.device());
+  bool same = true;
+  for (int64_t d = 0; d < x.dim(); ++d) same = same && (x.size(d) <= 1 || t.stride(d) == x.stride(d));
+  TORCH_CHECK_VALUE(same, name, ": expected the memory layout (strides) of x");
+}
+
 }  // namespace fastscore
