@@ -122,6 +122,15 @@ def _act_grad(pre, ACT: tl.constexpr):
 
 
 @triton.jit
+def _channel_block(C, BLOCK_C: tl.constexpr):
+    """This program's sample and channel block on a grid of N * cdiv(C, BLOCK_C) rows: (n, offs_c, mask_c)."""
+    pid = tl.program_id(0)
+    num_cb = tl.cdiv(C, BLOCK_C)
+    offs_c = (pid % num_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return (pid // num_cb).to(tl.int64), offs_c, offs_c < C
+
+
+@triton.jit
 def _cond_instance_norm_stats_kernel(
     x_ptr,  # (N, C, H, W) NCHW or NHWC, any float dtype
     mean_ptr,  # (N, C) out, contiguous, accumulation dtype
@@ -149,11 +158,7 @@ def _cond_instance_norm_stats_kernel(
     pairwise algorithm for computing sample variances" (1979).
     """
     acc_ty = mean_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    num_cb = tl.cdiv(C, BLOCK_C)
-    n = (pid // num_cb).to(tl.int64)
-    offs_c = (pid % num_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
+    n, offs_c, mask_c = _channel_block(C, BLOCK_C)
     rows = x_ptr + n * stride_n + offs_c[:, None] * stride_c
     shift = tl.load(rows, mask=mask_c[:, None], other=0.0).to(acc_ty)  # [BLOCK_C, 1]: K = x[n, c, 0]
 
@@ -279,12 +284,8 @@ def _cond_instance_norm_fwd_apply_kernel(
     References: csrc/include/cond_instance_norm_math.h (fwd_element).
     """
     acc_ty = mean_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    num_cb = tl.cdiv(C, BLOCK_C)
-    n = (pid // num_cb).to(tl.int64)
-    offs_c = (pid % num_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
+    n, offs_c, mask_c = _channel_block(C, BLOCK_C)
     offs_hw = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
-    mask_c = offs_c < C
     mask = mask_c[:, None] & (offs_hw < HW)[None, :]
     pc = n * C + offs_c
     mean = tl.load(mean_ptr + pc, mask=mask_c, other=0.0)[:, None]
@@ -324,11 +325,7 @@ def _cond_instance_norm_bwd_reduce_kernel(
     References: csrc/include/cond_instance_norm_math.h (bwd_pre_grad).
     """
     acc_ty = mean_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    num_cb = tl.cdiv(C, BLOCK_C)
-    n = (pid // num_cb).to(tl.int64)
-    offs_c = (pid % num_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
+    n, offs_c, mask_c = _channel_block(C, BLOCK_C)
     pc = n * C + offs_c
     mean = tl.load(mean_ptr + pc, mask=mask_c, other=0.0)[:, None]
     if ACT != 0:
@@ -460,12 +457,8 @@ def _cond_instance_norm_bwd_apply_kernel(
     References: csrc/include/cond_instance_norm_math.h (bwd_element).
     """
     acc_ty = mean_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    num_cb = tl.cdiv(C, BLOCK_C)
-    n = (pid // num_cb).to(tl.int64)
-    offs_c = (pid % num_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
+    n, offs_c, mask_c = _channel_block(C, BLOCK_C)
     offs_hw = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
-    mask_c = offs_c < C
     mask = mask_c[:, None] & (offs_hw < HW)[None, :]
     pc = n * C + offs_c
     mean = tl.load(mean_ptr + pc, mask=mask_c, other=0.0)[:, None]
@@ -508,11 +501,7 @@ def _cond_instance_norm_jvp_reduce_kernel(
     References: csrc/include/cond_instance_norm_math.h (jvp_plane_tangents).
     """
     acc_ty = mean_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    num_cb = tl.cdiv(C, BLOCK_C)
-    n = (pid // num_cb).to(tl.int64)
-    offs_c = (pid % num_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
+    n, offs_c, mask_c = _channel_block(C, BLOCK_C)
     pc = n * C + offs_c
     mean = tl.load(mean_ptr + pc, mask=mask_c, other=0.0)[:, None]
     rows = n * stride_n + offs_c[:, None] * stride_c
@@ -661,12 +650,8 @@ def _cond_instance_norm_jvp_apply_kernel(
     References: csrc/include/cond_instance_norm_math.h (jvp_element).
     """
     acc_ty = mean_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    num_cb = tl.cdiv(C, BLOCK_C)
-    n = (pid // num_cb).to(tl.int64)
-    offs_c = (pid % num_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
+    n, offs_c, mask_c = _channel_block(C, BLOCK_C)
     offs_hw = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
-    mask_c = offs_c < C
     mask = mask_c[:, None] & (offs_hw < HW)[None, :]
     pc = n * C + offs_c
     mean = tl.load(mean_ptr + pc, mask=mask_c, other=0.0)[:, None]
