@@ -43,6 +43,7 @@ std is :math:`1 - e^{2\,\mathrm{lmc}}` (no square root: that is the std of the s
 
 from __future__ import annotations
 
+import abc
 import math
 import numbers
 
@@ -112,7 +113,7 @@ def _shape(shape) -> tuple[int, ...]:
     return shape
 
 
-class SDE:
+class SDE(abc.ABC):
     """Base class: a forward SDE with linear drift :math:`f_a(t) x` and diffusion :math:`g(t)` on [0, T].
 
     Subclasses define ``drift_coef(t)`` (:math:`f_a`), ``diffusion_coef(t)`` (:math:`g`),
@@ -128,13 +129,13 @@ class SDE:
         self._tables: dict[tuple, dict[str, Tensor]] = {}
 
     # -- schedules (t a tensor or a float; the result has t's shape) -------------------------------------
+    @abc.abstractmethod
     def drift_coef(self, t):
         """:math:`f_a(t)` with :math:`f(x, t) = f_a(t)\\,x`."""
-        raise NotImplementedError  # abstract: every concrete SDE below defines it
 
+    @abc.abstractmethod
     def diffusion_coef(self, t):
         """:math:`g(t)`."""
-        raise NotImplementedError  # abstract: every concrete SDE below defines it
 
     # -- score_sde's interface ----------------------------------------------------------------------------
     def sde(self, x: Tensor, t) -> tuple[Tensor, Tensor]:
@@ -143,17 +144,17 @@ class SDE:
         t = _times(t, x)
         return batch_view(self.drift_coef(t), x) * x, self.diffusion_coef(t)
 
+    @abc.abstractmethod
     def marginal_prob(self, x: Tensor, t) -> tuple[Tensor, Tensor]:
         """(mean (x's shape), std (N,)) of :math:`p_{0t}(x(t) | x(0) = x)`."""
-        raise NotImplementedError  # abstract: every concrete SDE below defines it
 
+    @abc.abstractmethod
     def prior_sampling(self, shape, generator: torch.Generator | None = None, *, device=None, dtype=None) -> Tensor:
         """A sample of the prior :math:`p_T` of the given shape (N, ...)."""
-        raise NotImplementedError  # abstract: every concrete SDE below defines it
 
+    @abc.abstractmethod
     def prior_logp(self, z: Tensor) -> Tensor:
         """Per-sample log density (N,) of the prior at z (N, ...), summed over every non-batch dim."""
-        raise NotImplementedError  # abstract: every concrete SDE below defines it
 
     def discretize(self, x: Tensor, t) -> tuple[Tensor, Tensor]:
         r"""Euler-Maruyama: :math:`f = f(x, t)\,\Delta t`, :math:`G = g(t)\sqrt{\Delta t}`, :math:`\Delta t =
