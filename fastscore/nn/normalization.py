@@ -417,8 +417,14 @@ def get_normalization(config, conditional=True):
     like ncsnv2's). The torch classes are returned as such, so ncsnv2's final-normaliser call
     ``norm(ngf, num_classes)`` gives them ``eps = num_classes``, as in the original.
     """
+    return normalization_from_tables(config, conditional, _CONDITIONAL, _UNCONDITIONAL)
+
+
+def normalization_from_tables(config, conditional: bool, conditional_table: dict, unconditional_table: dict):
+    """ncsnv2's lookup of ``config.model.normalization`` in a name -> class table; shared with the
+    reference layers (fastscore.nn.reference), whose tables name their own classes."""
     norm = config.model.normalization
-    table = _CONDITIONAL if conditional else _UNCONDITIONAL
+    table = conditional_table if conditional else unconditional_table
     if norm is None and not conditional:
         return None
     if isinstance(norm, str) and norm in table:

@@ -262,20 +262,10 @@ _UNCONDITIONAL = {
 
 
 def get_normalization(config, conditional=True):
-    """ncsnv2's ``get_normalization`` over the reference classes (same table as fastscore.nn's)."""
-    from fastscore.nn.normalization import UnknownNormalizationError
+    """ncsnv2's ``get_normalization`` over the reference classes (same names and errors as fastscore.nn's)."""
+    from fastscore.nn.normalization import normalization_from_tables
 
-    norm = config.model.normalization
-    if norm is None and not conditional:
-        return None
-    table = _CONDITIONAL if conditional else _UNCONDITIONAL
-    if isinstance(norm, str) and norm in table:
-        return table[norm]
-    kind = "conditional" if conditional else "unconditional"
-    choices = ", ".join(repr(k) for k in table) + ("" if conditional else ", None")
-    raise UnknownNormalizationError(
-        f"config.model.normalization: expected one of {choices} for a {kind} model, got {norm!r}"
-    )
+    return normalization_from_tables(config, conditional, _CONDITIONAL, _UNCONDITIONAL)
 
 
 def _swish(x):
