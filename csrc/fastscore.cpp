@@ -40,11 +40,16 @@ TORCH_LIBRARY(fastscore_C, m) {
   // in csrc/include/langevin_step_math.h). coef (N, 3) rows (a, b, c) in the accumulation dtype:
   // x_mean = a x + b score, x = x_mean + c z, then x = mask known + (1 - mask) x; z = noise if given, else
   // generated from (seed, counter, (sample_offset + n) * D + i). seed and counter are 64-bit patterns
-  // (unsigned values passed wrapped). norms: (N, 2) float64 per-sample sums of score^2 and z^2.
+  // (unsigned values passed wrapped). norms: out (N, P, 2) float64, contiguous, P >= 1: per sample n and piece p
+  // (memory positions [p L, (p + 1) L) of the sample, L = ceil(D / P)), the sums of score^2 and z^2, where the
+  // generated z at memory position m is the normal of element index m. The caller adds the pieces (its
+  // buffers, so a sampler's corrector allocates nothing per step).
   m.def(
       "langevin_step_update(Tensor(a!) x, Tensor score, Tensor coef, Tensor? noise, int seed, int counter,"
       " int sample_offset, Tensor? mask, Tensor? known, Tensor(b!)? x_mean) -> ()");
-  m.def("langevin_step_norms(Tensor score, Tensor? noise, int seed, int counter, int sample_offset) -> Tensor");
+  m.def(
+      "langevin_step_norms(Tensor score, Tensor? noise, int seed, int counter, int sample_offset,"
+      " Tensor(a!) out) -> ()");
   m.def("langevin_step_randn(Tensor(a!) out, int seed, int counter, int sample_offset) -> ()");
 
   // ELU (alpha = 1), elementwise over the flat storage: x dense and non-overlapping (any layout);

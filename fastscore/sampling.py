@@ -563,12 +563,15 @@ class _CorrectorSteps:
         self.coef = torch.ones(N, 3, dtype=chain.acc, device=dev)
         self.eps = torch.empty(N, dtype=torch.float64, device=dev)
         self.root = torch.empty(N, dtype=torch.float64, device=dev)
+        self.partials = _ls.norm_partials(chain.x)  # (N, P, 2): per piece of a sample, |g|^2 and |z|^2
+        self.sums = torch.empty(N, 2, dtype=torch.float64, device=dev)
         self.norm_sums = torch.empty(2, dtype=torch.float64, device=dev)
         self.ratio = torch.empty(1, dtype=torch.float64, device=dev)
         self.batch = batch_norm_step
 
     def __call__(self, chain: _Chain, score: Tensor, step: int) -> Tensor:
-        sums = _ls._norms(score, None, chain.seed, chain.counter, chain.sample_offset)  # (N, 2): |g|^2, |z|^2
+        _ls._norms_into(score, None, chain.seed, chain.counter, chain.sample_offset, self.partials)
+        sums = torch.sum(self.partials, dim=1, out=self.sums)  # (N, 2): |g|^2, |z|^2
         if self.batch:
             # The ratio of the batch means of the norms is the ratio of their sums (torch.mean would allocate).
             sums.sqrt_()

@@ -8,7 +8,7 @@ as the C++ kernels' and the PyTorch reference's. Every launch passes enable_fp_f
 followed by an add must stay two roundings (an FMA would change the bits).
 
     update   x_mean = a x + b score, x = x_mean + c z (+ mask)   program per (sample, block of elements)
-    norms    per-sample sums of score^2 and z^2                  program per (sample, block): partial sums
+    norms    per-sample sums of score^2 and z^2                  program per (sample, piece): partial sums
     randn    the noise itself                                    program per block of a flat tensor
 
 Each program owns a block of logical elements i of one sample and computes its own Philox block per
@@ -46,6 +46,7 @@ _C2 = tl.constexpr(_H("-0x1.3bd3ccp+4"))
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # The interpreter runs a program's block as NumPy arrays: bigger blocks, fewer Python-level programs.
 _BLOCK = 4096 if _INTERPRET else 1024
+NORM_PIECE = _BLOCK  # elements per program of the norms pass (the split fastscore.ops chooses)
 _WARPS = 4
 
 # ---- the generator (csrc/include/langevin_step_math.h) ----------------------------------------------------
@@ -213,35 +214,44 @@ def _langevin_step_update_kernel(
 def _langevin_step_norms_kernel(
     score_ptr,  # (N, ...) any supported layout: read in memory order
     noise_ptr,  # (N, ...) or a placeholder when not HAS_NOISE
-    partial_ptr,  # (N, P, 2) out, compute dtype (float64 for float64 score, else float32): per block of D,
-    # the sums of score^2 and z^2
+    out_ptr,  # (N, P, 2) float64: per piece of a sample, the sums of score^2 and z^2
     D,
     P,
+    PIECE,  # ceil(D / P) memory positions per piece
     k0,
     k1,
     c2,
     c3,
     e_base,
     HAS_NOISE: tl.constexpr,
+    ACC_F64: tl.constexpr,  # sum in float64 (float64 score), else float32
     BLOCK: tl.constexpr,
 ):
-    """Partial sums of squares of block p of sample n (memory order: a sum of squares does not care which
-    element is which). Grid: (N, P)."""
+    """Sums of squares over piece p of sample n, in BLOCK steps (memory order: a sum of squares does not care
+    which element is which). Grid: (N, P)."""
     n = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1).to(tl.int64)
-    i = p * BLOCK + tl.arange(0, BLOCK)
-    valid = i < D
-    acc_ty = partial_ptr.dtype.element_ty
-    g = tl.load(score_ptr + n * D + i, mask=valid, other=0.0).to(acc_ty)
-    if HAS_NOISE:
-        z = tl.load(noise_ptr + n * D + i, mask=valid, other=0.0).to(acc_ty)
-    else:
+    acc_ty = tl.float64 if ACC_F64 else tl.float32
+    lo = tl.minimum(p * PIECE, D)
+    hi = tl.minimum(lo + PIECE, D)
+    sg = tl.zeros((BLOCK,), dtype=acc_ty)
+    sz = tl.zeros((BLOCK,), dtype=acc_ty)
+    if not HAS_NOISE:
         u0, u1, u2, u3 = _key(k0, k1, c2, c3)
-        e = e_base.to(tl.int64).to(tl.uint64, bitcast=True) + (n * D + i).to(tl.uint64)
-        z = tl.where(valid, _normal_at(e, u0, u1, u2, u3), 0.0).to(acc_ty)
+    for start in range(lo, hi, BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        valid = i < hi
+        g = tl.load(score_ptr + n * D + i, mask=valid, other=0.0).to(acc_ty)
+        if HAS_NOISE:
+            z = tl.load(noise_ptr + n * D + i, mask=valid, other=0.0).to(acc_ty)
+        else:
+            e = e_base.to(tl.int64).to(tl.uint64, bitcast=True) + (n * D + i).to(tl.uint64)
+            z = tl.where(valid, _normal_at(e, u0, u1, u2, u3), 0.0).to(acc_ty)
+        sg += g * g
+        sz += z * z
     base = (n * P + p) * 2
-    tl.store(partial_ptr + base, tl.sum(g * g, axis=0))
-    tl.store(partial_ptr + base + 1, tl.sum(z * z, axis=0))
+    tl.store(out_ptr + base, tl.sum(sg, axis=0).to(tl.float64))
+    tl.store(out_ptr + base + 1, tl.sum(sz, axis=0).to(tl.float64))
 
 
 @triton.jit(do_not_specialize=["k0", "k1", "c2", "c3", "e_base"])
@@ -331,32 +341,36 @@ def update(x, score, coef, noise, seed: int, counter: int, sample_offset: int, m
     )
 
 
-def norms(score, noise, seed: int, counter: int, sample_offset: int) -> torch.Tensor:
-    """(N, 2) float64: per sample, the sum of score^2 and of z^2."""
+def norms(score, noise, seed: int, counter: int, sample_offset: int, out) -> None:
+    """out (N, P, 2) float64 <- per sample and piece of ceil(D / P) memory positions, the sums of score^2 and
+    of z^2."""
     N, D, *_ = _layout(score, "score")
-    if score.numel() == 0:
-        return torch.zeros((N, 2), dtype=torch.float64, device=score.device)
-    P = triton.cdiv(D, _BLOCK)
-    acc = torch.float64 if score.dtype == torch.float64 else torch.float32
-    partial = torch.empty((N, P, 2), dtype=acc, device=score.device)
+    if out.dim() != 3 or out.shape[0] != N or out.shape[1] < 1 or out.shape[2] != 2:
+        raise ValueError(f"out: expected an ({N}, P, 2) tensor with P >= 1, got {tuple(out.shape)}")
+    if out.dtype != torch.float64 or not out.is_contiguous() or out.device != score.device:
+        raise ValueError(f"out: expected a contiguous float64 tensor on {score.device}")
+    if N == 0:
+        return
+    P = out.shape[1]
     k0, k1, c2, c3 = _words(seed, counter)
     _langevin_step_norms_kernel[(N, P)](
         score,
         noise if noise is not None else score,
-        partial,
+        out,
         D,
         P,
+        max(1, triton.cdiv(D, P)),
         k0,
         k1,
         c2,
         c3,
         _i64(sample_offset * D),
         HAS_NOISE=noise is not None,
+        ACC_F64=score.dtype == torch.float64,
         BLOCK=_BLOCK,
         num_warps=_WARPS,
         **_launch_options(),
     )
-    return partial.double().sum(dim=1)
 
 
 def randn(out, seed: int, counter: int, sample_offset: int) -> None:

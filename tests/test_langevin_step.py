@@ -375,6 +375,34 @@ def test_corrector_matches_score_sde(backend, dtype):
             torch.testing.assert_close(x_mean, ref_mean, **tol)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.bfloat16))
+def test_norms_partial_sums_match_the_reference_for_any_number_of_pieces(backend, dtype):
+    """The corrector's reduction pass: out (N, P, 2) holds per piece of ceil(D / P) memory positions the sums
+    of score^2 and z^2, for any P (one piece, uneven pieces, more pieces than elements: the rest are 0)."""
+    shape = (3, 5, 7, 9) if backend != "triton" else (2, 3, 4, 5)
+    D = math.prod(shape[1:])
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-6, atol=1e-6)
+    for layout in ("contiguous", "channels_last"):
+        _, score = make(shape, dtype, layout)
+        noise = torch.randn_like(score, dtype=torch.float64).to(dtype)  # laid out as score
+        for P in (1, 3, D + 2):
+            for given in (None, noise):
+                want = torch.full((shape[0], P, 2), float("nan"), dtype=torch.float64)
+                lgv._norms_ref_impl(score, given, -5, 2, 3, want)
+                got = torch.full_like(want, float("nan"))
+                with fastscore.use_backend(backend):
+                    lgv._norms_into(score, given, -5, 2, 3, got)
+                what = f"[{backend}] {layout} P={P} noise={'given' if given is not None else 'generated'}"
+                torch.testing.assert_close(got, want, **tol, msg=lambda m, what=what: f"{what}: {m}")
+                # The pieces add up to the sample's sums of squares.
+                z = counter_randn(shape, seed=2**64 - 5, counter=2, sample_offset=3) if given is None else given
+                whole = torch.stack([t.double().square().flatten(1).sum(1) for t in (score, z)], dim=1)
+                torch.testing.assert_close(got.sum(1), whole, **tol)
+                if P > D:
+                    assert (got[:, D:] == 0).all(), what
+
+
 def test_corrector_batch_rule_depends_on_the_batch_and_per_sample_rule_does_not():
     x, score = make((4, 2, 3, 3), torch.float32)
     score[0] *= 10
@@ -569,6 +597,22 @@ def test_other_functions_check_their_arguments():
         counter_randn((2, 3), seed="1")
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("cpp", "triton")])
+def test_norms_kernels_check_their_output_buffer(backend):
+    """The sampler hands the norms pass its own buffer: a wrong one is refused by name, not written past."""
+    _, score = make((2, 3, 4, 4), torch.float32)
+    good = torch.empty(2, 5, 2, dtype=torch.float64)
+    bad = {
+        "shape": (torch.empty(2, 5, 3, dtype=torch.float64), ValueError, r"out: expected an \(2, P, 2\) tensor"),
+        "no pieces": (torch.empty(2, 0, 2, dtype=torch.float64), ValueError, "out: expected an"),
+        "dtype": (torch.empty(2, 5, 2), (TypeError, ValueError), "out: expected .*float64"),
+        "strided": (good.transpose(0, 1).contiguous().transpose(0, 1), ValueError, "out: expected a contiguous"),
+    }
+    for out, exc, message in bad.values():
+        with fastscore.use_backend(backend), pytest.raises(exc, match=message):
+            lgv._norms_into(score, None, 1, 0, 0, out)
+
+
 def test_refuses_autograd_and_runs_under_no_grad():
     x, score = make((2, 5), torch.float32)
     score.requires_grad_()
@@ -591,7 +635,7 @@ def test_opcheck():
     ops = torch.ops.fastscore
     torch.library.opcheck(ops.langevin_step_update, (x, score, coef, None, 5, 1, 0, None, None, torch.empty_like(x)))
     torch.library.opcheck(ops.langevin_step_update, (x, score, coef, torch.randn_like(x), 5, 1, 0, mask, known, None))
-    torch.library.opcheck(ops.langevin_step_norms, (score, None, -5, 2, 3))
+    torch.library.opcheck(ops.langevin_step_norms, (score, None, -5, 2, 3, torch.empty(2, 4, 2, dtype=torch.float64)))
     torch.library.opcheck(ops.langevin_step_randn, (torch.empty(3, 7), 5, 1, 2))
 
 

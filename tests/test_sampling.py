@@ -451,7 +451,7 @@ def test_steady_state_allocates_nothing_per_step():
         # tables, whose sizes differ: compare the counts of allocations, not their sizes.
         assert len(allocations(lambda: run_pc(8))) == len(allocations(lambda: run_pc(16))), predictor
 
-    # score_sde's Langevin corrector: the only per-step allocation is the op's fused (N, 2) float64 norms.
+    # score_sde's Langevin corrector: its fused norms go into the sampler's buffers, like every other step.
     for batch_norm in (False, True):
 
         def run_corrector(n, batch_norm=batch_norm):
@@ -459,9 +459,7 @@ def test_steady_state_allocates_nothing_per_step():
                 lambda x, t: score, sde_lib.VPSDE(N=n), (N, D), predictor="none", batch_norm_step=batch_norm
             )
 
-        few, many = allocations(lambda: run_corrector(30)), allocations(lambda: run_corrector(60))
-        norms = [a for a in many if a[1] == N * 2 * 8]
-        assert len(many) - len(few) == 30 and len(norms) >= 60, (batch_norm, len(few), len(many))
+        assert len(allocations(lambda: run_corrector(30))) == len(allocations(lambda: run_corrector(60))), batch_norm
 
 
 def test_buffers_are_reused_across_steps():

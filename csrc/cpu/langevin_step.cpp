@@ -1,6 +1,6 @@
 // Langevin / SDE sampler updates on CPU with counter-based Gaussian noise generated in the kernel:
 //   langevin_step_update   x_mean = a x + b score, x = x_mean + c z (+ mask), per-sample (a, b, c)
-//   langevin_step_norms    per-sample sums of score^2 and z^2 (the corrector's step-size pass)
+//   langevin_step_norms    per-sample partial sums of score^2 and z^2 (the corrector's step-size pass)
 //   langevin_step_randn    the noise itself (fastscore.ops.counter_randn)
 // float64 / float32 / bfloat16 / float16, contiguous (N, ...) or channels_last (N, C, H, W).
 //
@@ -468,44 +468,37 @@ void langevin_step_update(at::Tensor x, const at::Tensor& score, const at::Tenso
   });
 }
 
-// (N, 2) float64: per sample sum of score^2 and of z^2 (z = noise, or the generated noise).
-at::Tensor langevin_step_norms(const at::Tensor& score, const c10::optional<at::Tensor>& noise, int64_t seed,
-                               int64_t counter, int64_t sample_offset) {
-  const Layout l = check_norms(score, noise, sample_offset);
-  at::Tensor out = at::zeros({l.N, 2}, score.options().dtype(at::kDouble));
-  if (score.numel() == 0) return out;
-  const int64_t pieces = (l.D + kChunk - 1) / kChunk;
-  std::vector<double> partial(size_t(l.N * pieces * 2));
+// out (N, P, 2) float64: per sample and piece of ceil(D / P) memory positions, the sums of score^2 and z^2
+// (z = noise, or the normal of element index m at memory position m). One task per piece, in noise chunks.
+void langevin_step_norms(const at::Tensor& score, const c10::optional<at::Tensor>& noise, int64_t seed,
+                         int64_t counter, int64_t sample_offset, at::Tensor out) {
+  const Layout l = check_norms(score, noise, sample_offset, out);
+  const int64_t pieces = out.size(1);
+  const int64_t piece = std::max<int64_t>(1, (l.D + pieces - 1) / pieces);
+  double* o = out.data_ptr<double>();
   const PhiloxKey key = philox_key(uint64_t(seed), uint64_t(counter));
   const uint64_t e_base = uint64_t(sample_offset) * uint64_t(l.D);
   FS_DISPATCH_LGV(score, [&] {
     const scalar_t* g = score.data_ptr<scalar_t>();
     const scalar_t* nz = noise.has_value() ? noise->data_ptr<scalar_t>() : nullptr;
-    // Both sums run over memory order: a sum of squares does not care which element is which.
     run_tasks<NoiseBuffer>(l.N * pieces, [&](int64_t t, NoiseBuffer& buf) {
-      const int64_t n = t / pieces, i0 = (t - n * pieces) * kChunk;
-      const int64_t len = std::min(kChunk, l.D - i0);
-      const int64_t off = n * l.D + i0;
-      partial[2 * t] = sum_squares(g + off, len);
-      if (nz != nullptr) {
-        partial[2 * t + 1] = sum_squares(nz + off, len);
-      } else {
-        const float* z = buf.fill(e_base + uint64_t(off), len, key);
-        partial[2 * t + 1] = std::is_same<scalar_t, double>::value ? sum_squares_f64(z, len) : sum_squares(z, len);
+      const int64_t n = t / pieces, i1 = std::min(l.D, (t - n * pieces + 1) * piece);
+      double sg = 0, sz = 0;
+      for (int64_t i0 = std::min(l.D, (t - n * pieces) * piece); i0 < i1; i0 += kChunk) {
+        const int64_t len = std::min(kChunk, i1 - i0);
+        const int64_t off = n * l.D + i0;
+        sg += sum_squares(g + off, len);
+        if (nz != nullptr) {
+          sz += sum_squares(nz + off, len);
+        } else {
+          const float* z = buf.fill(e_base + uint64_t(off), len, key);
+          sz += std::is_same<scalar_t, double>::value ? sum_squares_f64(z, len) : sum_squares(z, len);
+        }
       }
+      o[2 * t] = sg;
+      o[2 * t + 1] = sz;
     });
   });
-  double* o = out.data_ptr<double>();
-  for (int64_t n = 0; n < l.N; ++n) {
-    double sg = 0, sz = 0;
-    for (int64_t q = 0; q < pieces; ++q) {
-      sg += partial[2 * (n * pieces + q)];
-      sz += partial[2 * (n * pieces + q) + 1];
-    }
-    o[2 * n] = sg;
-    o[2 * n + 1] = sz;
-  }
-  return out;
 }
 
 template <typename scalar_t>

@@ -28,7 +28,6 @@ using namespace fastscore::lgv;
 
 constexpr int kThreads = 256;
 constexpr int kWarp = 32;
-constexpr int64_t kPiece = 8192;  // elements per norms block
 constexpr int kBlocksPerSm = 8;   // grid-stride cap for the elementwise kernels
 
 // float -> T for the noise itself (randn): float64 exactly, the rest rounded to nearest even.
@@ -78,15 +77,15 @@ __device__ __forceinline__ R warp_sum(R v) {
   return v;
 }
 
-// Sums in the compute type (float64 for double), partials in the same type.
+// Sums in the compute type (float64 for double), stored as float64.
 template <bool GIVEN, typename T, typename acc_t = typename AccOf<T>::type>
 __global__ void __launch_bounds__(kThreads) norms_kernel(const T* __restrict__ score, const T* __restrict__ noise,
-                                                         int64_t D, int64_t pieces, uint64_t seed, uint64_t counter,
-                                                         uint64_t e_base, acc_t* __restrict__ partial) {
+                                                         int64_t D, int64_t pieces, int64_t piece, uint64_t seed,
+                                                         uint64_t counter, uint64_t e_base, double* __restrict__ out) {
   __shared__ acc_t totals[2][kThreads / kWarp];
   const int64_t p = blockIdx.x, n = blockIdx.y;
   const PhiloxKey key = philox_key(seed, counter);
-  const int64_t i0 = p * kPiece, i1 = min(D, i0 + kPiece);
+  const int64_t i0 = min(D, p * piece), i1 = min(D, i0 + piece);
   acc_t sg = 0, sz = 0;
   for (int64_t i = i0 + threadIdx.x; i < i1; i += blockDim.x) {
     const acc_t g = to_acc(score[n * D + i]);
@@ -107,8 +106,8 @@ __global__ void __launch_bounds__(kThreads) norms_kernel(const T* __restrict__ s
     sg = warp_sum(lane < warps ? totals[0][lane] : acc_t(0));
     sz = warp_sum(lane < warps ? totals[1][lane] : acc_t(0));
     if (lane == 0) {
-      partial[2 * (n * pieces + p)] = sg;
-      partial[2 * (n * pieces + p) + 1] = sz;
+      out[2 * (n * pieces + p)] = double(sg);
+      out[2 * (n * pieces + p) + 1] = double(sz);
     }
   }
 }
@@ -174,18 +173,16 @@ cudaError_t lgv_update(const LgvArgs<T>& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-int64_t lgv_norm_pieces(int64_t D) { return std::max<int64_t>(1, (D + kPiece - 1) / kPiece); }
-
 template <typename T>
-cudaError_t lgv_norms(const T* score, const T* noise, int64_t N, int64_t D, uint64_t seed, uint64_t counter,
-                      uint64_t e_base, typename AccOf<T>::type* partial, cudaStream_t stream) {
-  if (N == 0 || D == 0) return cudaSuccess;
-  const int64_t pieces = lgv_norm_pieces(D);
-  const dim3 grid{unsigned(pieces), unsigned(N)};  // N <= 65535 is checked by the caller
+cudaError_t lgv_norms(const T* score, const T* noise, int64_t N, int64_t D, int64_t pieces, uint64_t seed,
+                      uint64_t counter, uint64_t e_base, double* out, cudaStream_t stream) {
+  if (N == 0 || pieces == 0) return cudaSuccess;
+  const int64_t piece = std::max<int64_t>(1, (D + pieces - 1) / pieces);
+  const dim3 grid{unsigned(pieces), unsigned(N)};  // both <= 65535, checked by the caller
   if (noise != nullptr)
-    norms_kernel<true><<<grid, kThreads, 0, stream>>>(score, noise, D, pieces, seed, counter, e_base, partial);
+    norms_kernel<true><<<grid, kThreads, 0, stream>>>(score, noise, D, pieces, piece, seed, counter, e_base, out);
   else
-    norms_kernel<false><<<grid, kThreads, 0, stream>>>(score, noise, D, pieces, seed, counter, e_base, partial);
+    norms_kernel<false><<<grid, kThreads, 0, stream>>>(score, noise, D, pieces, piece, seed, counter, e_base, out);
   return cudaGetLastError();
 }
 
@@ -199,8 +196,8 @@ cudaError_t lgv_randn(T* out, int64_t total, uint64_t seed, uint64_t counter, ui
 
 #define FS_LGV_INSTANTIATE(T)                                                                                    \
   template cudaError_t lgv_update<T>(const LgvArgs<T>&, cudaStream_t);                                           \
-  template cudaError_t lgv_norms<T>(const T*, const T*, int64_t, int64_t, uint64_t, uint64_t, uint64_t,         \
-                                    typename AccOf<T>::type*, cudaStream_t);                                    \
+  template cudaError_t lgv_norms<T>(const T*, const T*, int64_t, int64_t, int64_t, uint64_t, uint64_t, uint64_t, \
+                                    double*, cudaStream_t);                                                     \
   template cudaError_t lgv_randn<T>(T*, int64_t, uint64_t, uint64_t, uint64_t, cudaStream_t);
 
 FS_LGV_INSTANTIATE(double)

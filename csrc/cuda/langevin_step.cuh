@@ -41,13 +41,11 @@ struct LgvArgs {
 template <typename T>
 cudaError_t lgv_update(const LgvArgs<T>& p, cudaStream_t stream);
 
-// How many partial sums per sample lgv_norms writes (pieces of D).
-int64_t lgv_norm_pieces(int64_t D);
-
-// partial (N, pieces, 2) in the compute type: per piece of a sample (memory order), the sums of score^2 and z^2.
+// out (N, pieces, 2) float64: per sample and piece of ceil(D / pieces) memory positions, the sums of score^2
+// and z^2 (summed in the compute type). pieces and N at most 65535.
 template <typename T>
-cudaError_t lgv_norms(const T* score, const T* noise, int64_t N, int64_t D, uint64_t seed, uint64_t counter,
-                      uint64_t e_base, typename AccOf<T>::type* partial, cudaStream_t stream);
+cudaError_t lgv_norms(const T* score, const T* noise, int64_t N, int64_t D, int64_t pieces, uint64_t seed,
+                      uint64_t counter, uint64_t e_base, double* out, cudaStream_t stream);
 
 // out[j] = the normal of global element e_base + j, for j < total (out contiguous).
 template <typename T>

@@ -1,6 +1,6 @@
 // Langevin / SDE sampler updates for the CUDA dispatch key: the torch side of langevin_step.cu. Same
 // checks and semantics as csrc/cpu/langevin_step.cpp; the kernels take raw pointers, so this file only
-// checks, allocates and maps at::Half / at::BFloat16 onto __half / __nv_bfloat16 (same bits). Built only
+// checks and maps at::Half / at::BFloat16 onto __half / __nv_bfloat16 (same bits). Built only
 // with a CUDA build of torch (setup.py).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -61,20 +61,18 @@ void langevin_step_update(at::Tensor x, const at::Tensor& score, const at::Tenso
   });
 }
 
-at::Tensor langevin_step_norms(const at::Tensor& score, const c10::optional<at::Tensor>& noise, int64_t seed,
-                               int64_t counter, int64_t sample_offset) {
-  const Layout l = check_norms(score, noise, sample_offset);
+void langevin_step_norms(const at::Tensor& score, const c10::optional<at::Tensor>& noise, int64_t seed, int64_t counter,
+                         int64_t sample_offset, at::Tensor out) {
+  const Layout l = check_norms(score, noise, sample_offset, out);
   TORCH_CHECK_VALUE(l.N <= 65535, "score: at most 65535 samples per call on CUDA, got ", l.N);
-  if (score.numel() == 0) return at::zeros({l.N, 2}, score.options().dtype(at::kDouble));
+  TORCH_CHECK_VALUE(out.size(1) <= 65535, "out: at most 65535 pieces per sample on CUDA, got ", out.size(1));
+  if (l.N == 0) return;
   const c10::cuda::CUDAGuard guard(score.device());
-  at::Tensor partial = at::empty({l.N, lgv_norm_pieces(l.D), 2}, score.options().dtype(acc_type_of(score)));
   FS_DISPATCH_LGV(score, [&] {
-    using acc_t = typename LgvArgs<cuda_t<scalar_t>>::acc_t;
-    C10_CUDA_CHECK(lgv_norms(ptr<scalar_t>(score), ptr<scalar_t>(noise), l.N, l.D, uint64_t(seed), uint64_t(counter),
-                             uint64_t(sample_offset) * uint64_t(l.D), partial.data_ptr<acc_t>(),
+    C10_CUDA_CHECK(lgv_norms(ptr<scalar_t>(score), ptr<scalar_t>(noise), l.N, l.D, out.size(1), uint64_t(seed),
+                             uint64_t(counter), uint64_t(sample_offset) * uint64_t(l.D), out.data_ptr<double>(),
                              c10::cuda::getCurrentCUDAStream().stream()));
   });
-  return partial.to(at::kDouble).sum(1);  // pieces added in a fixed order
 }
 
 void langevin_step_randn(at::Tensor out, int64_t seed, int64_t counter, int64_t sample_offset) {

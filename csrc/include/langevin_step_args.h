@@ -97,11 +97,20 @@ inline UpdateShape check_update(const at::Tensor& x, const at::Tensor& score, co
   return s;
 }
 
-// langevin_step_norms: score (N, ...), noise (when given) laid out as score.
-inline Layout check_norms(const at::Tensor& score, const c10::optional<at::Tensor>& noise, int64_t sample_offset) {
+// langevin_step_norms: score (N, ...), noise (when given) laid out as score, out (N, P, 2) float64 contiguous
+// with P >= 1, on score's device and apart from both inputs.
+inline Layout check_norms(const at::Tensor& score, const c10::optional<at::Tensor>& noise, int64_t sample_offset,
+                          const at::Tensor& out) {
   const Layout l = layout_of(score, "score");
   if (noise.has_value()) check_like(*noise, score, "noise");
   check_sample_offset(sample_offset);
+  TORCH_CHECK_VALUE(out.dim() == 3 && out.size(0) == l.N && out.size(1) >= 1 && out.size(2) == 2,
+                    "out: expected an (", l.N, ", P, 2) tensor with P >= 1, got ", out.sizes());
+  TORCH_CHECK_TYPE(out.scalar_type() == at::kDouble, "out: expected dtype float64, got ", out.scalar_type());
+  TORCH_CHECK_VALUE(out.device() == score.device(), "out: expected device ", score.device(), ", got ", out.device());
+  TORCH_CHECK_VALUE(out.is_contiguous(), "out: expected a contiguous tensor");
+  at::assert_no_overlap(out, score);
+  if (noise.has_value()) at::assert_no_overlap(out, *noise);
   return l;
 }
 

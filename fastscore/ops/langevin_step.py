@@ -358,8 +358,22 @@ def _update_ref_impl(x, score, coef, noise, seed, counter, sample_offset, mask, 
         x_mean.copy_(mean)
 
 
-def _norms_ref_impl(score, noise, seed, counter, sample_offset):
-    return _sums_ref(score, _noise_for(score, noise, _unwrap(seed), _unwrap(counter), sample_offset))
+def _memory_rows(t: Tensor) -> Tensor:
+    """(N, D) view of t's samples with each row in memory order (t contiguous or channels_last)."""
+    return t.as_strided((t.shape[0], t[0].numel()), (t.stride(0), 1))
+
+
+def _norms_ref_impl(score, noise, seed, counter, sample_offset, out):
+    # Piece p of a sample: its memory positions [p L, (p + 1) L), L = ceil(D / P). The kernels generate the
+    # normal of element index m at memory position m (a sum of squares does not care which is which), so the
+    # generated noise's rows are read in index order and given noise in memory order, like the score.
+    N, P = out.shape[0], out.shape[1]
+    D = score[0].numel() if N else 0
+    z = _noise_for(score, noise, _unwrap(seed), _unwrap(counter), sample_offset)
+    L = max(1, -(-D // P))
+    for k, rows in enumerate((_memory_rows(score), _memory_rows(z))):
+        squares = torch.nn.functional.pad(rows.to(torch.float64).square(), (0, L * P - D))
+        out[:, :, k] = squares.reshape(N, P, L).sum(2)
 
 
 def _randn_ref_impl(out, seed, counter, sample_offset):
@@ -370,17 +384,26 @@ class _Impl(NamedTuple):
     update: object
     norms: object
     randn: object
+    # Elements per piece of a sample in the norms pass: every kernel takes any number of pieces (the partial
+    # sums' shape says how many); this is the split each one is fastest with. CPU: one noise chunk per
+    # task. CUDA: a block of 256 threads per 8192 elements. Triton: one program per BLOCK.
+    norm_piece: int
 
 
 def _impl(backend: str) -> _Impl:
     if backend == "ref":
-        return _Impl(_update_ref_impl, _norms_ref_impl, _randn_ref_impl)
+        return _Impl(_update_ref_impl, _norms_ref_impl, _randn_ref_impl, 8192)
     if backend in ("cpp", "cuda"):  # one C++ op; the dispatcher routes CPU / CUDA tensors
         ops = torch.ops.fastscore_C  # .default: skips the overload resolution on every call
-        return _Impl(ops.langevin_step_update.default, ops.langevin_step_norms.default, ops.langevin_step_randn.default)
+        return _Impl(
+            ops.langevin_step_update.default,
+            ops.langevin_step_norms.default,
+            ops.langevin_step_randn.default,
+            1024 if backend == "cpp" else 8192,
+        )
     from fastscore._triton import langevin_step as kernels
 
-    return _Impl(kernels.update, kernels.norms, kernels.randn)
+    return _Impl(kernels.update, kernels.norms, kernels.randn, kernels.NORM_PIECE)
 
 
 # Order on CUDA tensors (not yet measured on a GPU here: both are memory-bound with the noise made in
@@ -423,14 +446,14 @@ def _(x, score, coef, noise, seed, counter, sample_offset, mask, known, x_mean):
     return None
 
 
-@torch.library.custom_op("fastscore::langevin_step_norms", mutates_args=())
-def _norms_op(score: Tensor, noise: Tensor | None, seed: int, counter: int, sample_offset: int) -> Tensor:
-    return _impl_for(score).norms(score, noise, seed, counter, sample_offset)
+@torch.library.custom_op("fastscore::langevin_step_norms", mutates_args=("out",))
+def _norms_op(score: Tensor, noise: Tensor | None, seed: int, counter: int, sample_offset: int, out: Tensor) -> None:
+    _impl_for(score).norms(score, noise, seed, counter, sample_offset, out)
 
 
 @_norms_op.register_fake
-def _(score, noise, seed, counter, sample_offset):
-    return score.new_empty((score.shape[0], 2), dtype=torch.float64)
+def _(score, noise, seed, counter, sample_offset, out):
+    return None
 
 
 @torch.library.custom_op("fastscore::langevin_step_randn", mutates_args=("out",))
@@ -457,10 +480,29 @@ def _update(x, score, coef, noise, seed, counter, sample_offset, mask, known, x_
         _impl_for(x).update(x, score, coef, noise, seed, counter, sample_offset, mask, known, x_mean)
 
 
-def _norms(score, noise, seed, counter, sample_offset) -> Tensor:
+def norm_partials(score: Tensor) -> Tensor:
+    """An uninitialised (N, P, 2) float64 buffer for :func:`_norms_into`'s partial sums of score's samples,
+    with the number of pieces P the backend chosen for score is fastest with."""
+    D = score[0].numel() if score.shape[0] else 0
+    return torch.empty(
+        (score.shape[0], max(1, -(-D // _impl_for(score).norm_piece)), 2), dtype=torch.float64, device=score.device
+    )
+
+
+def _norms_into(score, noise, seed, counter, sample_offset, partials: Tensor) -> None:
+    """partials (N, P, 2) float64 <- per sample and piece (memory order, ceil(D / P) elements each), the sums
+    of score^2 and z^2. Allocates nothing: a sampler adds the pieces into its own buffer."""
     if torch.compiler.is_compiling():
-        return torch.ops.fastscore.langevin_step_norms(score, noise, seed, counter, sample_offset)
-    return _impl_for(score).norms(score, noise, seed, counter, sample_offset)
+        torch.ops.fastscore.langevin_step_norms(score, noise, seed, counter, sample_offset, partials)
+    else:
+        _impl_for(score).norms(score, noise, seed, counter, sample_offset, partials)
+
+
+def _norms(score, noise, seed, counter, sample_offset) -> Tensor:
+    """(N, 2) float64: per sample, the sums of score^2 and z^2."""
+    partials = norm_partials(score)
+    _norms_into(score, noise, seed, counter, sample_offset, partials)
+    return partials.sum(1)  # the pieces in a fixed order
 
 
 def _randn(out, seed, counter, sample_offset) -> None:
