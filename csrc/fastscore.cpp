@@ -5,6 +5,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu_kernel_utils.h"
+
 extern "C" {
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
@@ -59,4 +61,9 @@ TORCH_LIBRARY(fastscore_C, m) {
   m.def("elu_fwd_out(Tensor x, Tensor(a!) out) -> ()");
   m.def("elu_bwd(Tensor grad_out, Tensor x) -> Tensor");
   m.def("elu_jvp(Tensor x, Tensor x_t) -> Tensor");
+
+  // The CPU kernels' output cache (csrc/cpu/output_cache.cpp), device-independent: release the cached free
+  // buffers; [bytes in use, bytes cached, cap in bytes].
+  m.def("output_cache_empty() -> ()", &fastscore::cpu::output_cache_empty);
+  m.def("output_cache_stats() -> int[]", &fastscore::cpu::output_cache_stats);
 }

@@ -13,7 +13,18 @@ from fastscore import nn  # noqa: E402
 from fastscore import ops  # noqa: E402
 from fastscore._backend import BackendUnavailableError  # noqa: E402
 from fastscore._backend import backends  # noqa: E402
+from fastscore._backend import empty_cache  # noqa: E402
 from fastscore._backend import use_backend  # noqa: E402
 from fastscore.patch import patch  # noqa: E402
 
-__all__ = ["__version__", "backends", "use_backend", "BackendUnavailableError", "nn", "ops", "patch", "models"]
+__all__ = [
+    "__version__",
+    "backends",
+    "empty_cache",
+    "use_backend",
+    "BackendUnavailableError",
+    "nn",
+    "ops",
+    "patch",
+    "models",
+]

@@ -120,6 +120,26 @@ def backends() -> dict:
     return report
 
 
+def empty_cache() -> None:
+    """Release the free buffers of the CPU kernels' output cache to the OS.
+
+    The C++ CPU kernels take outputs of 4 MiB and more from a cache that keeps freed buffers (up to
+    ``FASTSCORE_CPU_CACHE_MB``, default 1024; 0 turns it off) for the next output of the same size, so a loop
+    does not pay the OS's page clearing on every call (csrc/cpu/output_cache.cpp). Buffers still in use
+    are not affected. Like ``torch.cuda.empty_cache``, it frees memory, not tensors.
+    """
+    if _cpp_import_error() is None:
+        torch.ops.fastscore_C.output_cache_empty()
+
+
+def cache_stats() -> dict:
+    """The CPU output cache: ``{"in_use": bytes, "cached": bytes, "cap": bytes}`` (zeros without fastscore._C)."""
+    if _cpp_import_error() is not None:
+        return {"in_use": 0, "cached": 0, "cap": 0}
+    in_use, cached, cap = torch.ops.fastscore_C.output_cache_stats()
+    return {"in_use": in_use, "cached": cached, "cap": cap}
+
+
 # ---- what is chosen ------------------------------------------------------------------------------
 
 _forced_stack: list[str] = []  # process-wide: backward may run on autograd's worker threads

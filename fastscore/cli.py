@@ -50,6 +50,14 @@ def _info(args) -> int:
         where = ", ".join(info["devices"]) if info["available"] else "unavailable"
         reason = f"  ({info['reason']})" if info["reason"] else ""
         print(f"  {name:<7} {where}{reason}")
+    from fastscore._backend import cache_stats
+
+    try:
+        cap = cache_stats()["cap"]
+        state = f"up to {cap >> 20} MiB" if cap else "off"
+    except ValueError as exc:  # a malformed FASTSCORE_CPU_CACHE_MB: say so, the rest of the report stands
+        state = str(exc).splitlines()[0]
+    print(f"CPU output cache: {state} (FASTSCORE_CPU_CACHE_MB; fastscore.empty_cache() releases it)")
     return 0
 
 

@@ -450,8 +450,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cond_instance_norm_fwd(const at::
                                                                       double eps, c10::string_view act) {
   check_inputs(x, gamma, alpha, beta);
   const int act_code = parse_act(act);
-  at::Tensor out = at::empty_like(x);
-  advise_huge_pages(out.data_ptr(), out.nbytes());
+  at::Tensor out = fresh_output_like(x);
   at::Tensor mean = at::empty({x.size(0), x.size(1)}, x.options().dtype(acc_type_of(x)));
   at::Tensor rstd = at::empty_like(mean);
   fwd_into(x, gamma, alpha, beta, eps, act_code, out, mean, rstd);
@@ -494,8 +493,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cond_instance_norm_bw
   check_like(grad_out, x, "grad_out");
   check_stats(x, mean, rstd);
   const int act_code = parse_act(act);
-  at::Tensor grad_x = at::empty_like(x);
-  advise_huge_pages(grad_x.data_ptr(), grad_x.nbytes());
+  at::Tensor grad_x = fresh_output_like(x);
   at::Tensor grad_gamma = at::empty_like(mean);
   at::Tensor grad_alpha = alpha.has_value() ? at::empty_like(mean) : at::empty({0}, mean.options());
   at::Tensor grad_beta = beta.has_value() ? at::empty_like(mean) : at::empty({0}, mean.options());
@@ -529,8 +527,7 @@ at::Tensor cond_instance_norm_jvp(const at::Tensor& x, const at::Tensor& gamma, 
   check_optional_rows(alpha_t, "alpha_t", x.size(0), x.size(1), acc, x.device());
   check_optional_rows(beta_t, "beta_t", x.size(0), x.size(1), acc, x.device());
   const int act_code = parse_act(act);
-  at::Tensor out_t = at::empty_like(x);
-  advise_huge_pages(out_t.data_ptr(), out_t.nbytes());
+  at::Tensor out_t = fresh_output_like(x);
   at::Tensor work;
   FS_DISPATCH_CIN(x, [&] {
     using acc_t = at::opmath_type<scalar_t>;

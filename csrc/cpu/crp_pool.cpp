@@ -644,16 +644,10 @@ void launch(const at::Tensor& x, const at::Tensor& src, const at::Tensor* in2, c
   });
 }
 
-at::Tensor fresh_like(const at::Tensor& x) {
-  at::Tensor out = at::empty_like(x);
-  advise_huge_pages(out.data_ptr(), out.nbytes());
-  return out;
-}
-
 at::Tensor crp_pool_fwd(const at::Tensor& x, c10::string_view mode) {
   check_image(x, "x");
   const int m = parse_mode(mode);
-  at::Tensor out = fresh_like(x);
+  at::Tensor out = fresh_output_like(x);
   launch(x, x, nullptr, out, m, kPool);
   return out;
 }
@@ -664,7 +658,7 @@ at::Tensor crp_pool_bwd(const at::Tensor& grad_out, const at::Tensor& x, c10::st
   check_image(x, "x");
   check_like(grad_out, x, "grad_out");
   const int m = parse_mode(mode);
-  at::Tensor grad_x = fresh_like(x);
+  at::Tensor grad_x = fresh_output_like(x);
   if (m == kAvg) launch(x, grad_out, nullptr, grad_x, m, kPool);
   else launch(x, x, &grad_out, grad_x, m, kMaxBwd);
   return grad_x;
@@ -675,7 +669,7 @@ at::Tensor crp_pool_jvp(const at::Tensor& x, const at::Tensor& x_t, c10::string_
   check_image(x, "x");
   check_like(x_t, x, "x_t");
   const int m = parse_mode(mode);
-  at::Tensor out_t = fresh_like(x);
+  at::Tensor out_t = fresh_output_like(x);
   if (m == kAvg) launch(x, x_t, nullptr, out_t, m, kPool);
   else launch(x, x, &x_t, out_t, m, kMaxJvp);
   return out_t;

@@ -138,8 +138,7 @@ void fwd_into(const at::Tensor& x, const at::Tensor& dst) {
 }
 
 at::Tensor scaled(const at::Tensor& x, const at::Tensor& v) {
-  at::Tensor dst = at::empty_like(x);  // x's strides (x is dense)
-  advise_huge_pages(dst.data_ptr(), dst.nbytes());
+  at::Tensor dst = fresh_output_like(x);  // x's strides (x is dense)
   const int64_t n = x.numel();
   if (n == 0) return dst;
   if (use_aten(x)) {  // v * elu'(x), from x (is_result = false)
@@ -157,8 +156,7 @@ at::Tensor scaled(const at::Tensor& x, const at::Tensor& v) {
 
 at::Tensor elu_fwd(const at::Tensor& x) {
   check_dense_float(x, "x");
-  at::Tensor out = at::empty_like(x);
-  advise_huge_pages(out.data_ptr(), out.nbytes());
+  at::Tensor out = fresh_output_like(x);
   fwd_into(x, out);
   return out;
 }

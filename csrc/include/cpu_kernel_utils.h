@@ -1,15 +1,12 @@
 // Helpers for the C++ CPU kernels (csrc/cpu/*.cpp).
 #pragma once
 
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
+#include <vector>
 
 // Hot loops are compiled three times (AVX-512, AVX2+FMA, baseline x86-64) and the best one is
 // picked at load time, so one build runs everywhere and still uses the widest vectors. The loops
@@ -25,22 +22,15 @@
 namespace fastscore {
 namespace cpu {
 
-// PyTorch's CPU allocator does not cache: every large output is fresh memory from mmap and its
-// first touch page-faults once per 4 KiB (~6.5 ms for 32 MiB here, more than the kernel itself).
-// Asking for transparent huge pages on the 2 MiB-aligned interior before the first write cuts
-// that about threefold. The memory is the new output tensor's own; the advice dies with it.
-inline void advise_huge_pages(void* ptr, size_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  if (bytes < 2 * kHuge) return;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(ptr) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(ptr) + bytes) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)ptr;
-  (void)bytes;
-#endif
-}
+// An empty tensor with x's sizes and strides (x dense) for a kernel's output. Large ones come from
+// fastscore's CPU output cache (csrc/cpu/output_cache.cpp): a reused buffer has its pages mapped already,
+// where fresh memory costs a page fault and the OS's clearing of every page on first touch.
+at::Tensor fresh_output_like(const at::Tensor& x);
+
+// The cache's controls (torch.ops.fastscore_C.output_cache_*): release the free buffers; and
+// [bytes in use, bytes cached, cap in bytes].
+void output_cache_empty();
+std::vector<int64_t> output_cache_stats();
 
 // Runs the three steps of a per-sample normalisation:
 //   reduce(n, c0, c1): per-channel sums over H*W for channels [c0, c1) of sample n,
