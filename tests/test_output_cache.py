@@ -119,3 +119,22 @@ def test_a_malformed_cap_names_the_variable():
     bad = _run(PROBE, FASTSCORE_CPU_CACHE_MB="lots")
     assert bad.returncode != 0
     assert "FASTSCORE_CPU_CACHE_MB: expected a non-negative whole number of MiB, got 'lots'" in bad.stderr
+
+
+def test_a_forked_child_uses_the_cache_it_inherits():
+    """A forked child (multiprocessing, DataLoader workers) works on its own copy of the cache."""
+    x = torch.randn(BIG)
+    cached = elu(x)
+    del cached  # the parent holds a free buffer when it forks
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: one thread (OpenMP's pool does not survive fork), the inherited cache
+        try:
+            torch.set_num_threads(1)
+            os.write(write, repr(float(elu(x).sum())).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    got = os.read(read, 100).decode()
+    os.waitpid(pid, 0)
+    assert float(got) == pytest.approx(float(torch.nn.functional.elu(x).sum()), rel=1e-5)
