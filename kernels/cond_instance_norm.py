@@ -131,6 +131,24 @@ def _channel_block(C, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def _tile(C, HW, stride_n, stride_c, stride_hw, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """This program's [BLOCK_C, BLOCK_HW] tile of an elementwise pass on a grid of
+    (N * cdiv(C, BLOCK_C), cdiv(HW, BLOCK_HW)): (pc, mask_c, offs, mask), with pc the (N, C) indices of its
+    channels and offs the tile's element offsets."""
+    n, offs_c, mask_c = _channel_block(C, BLOCK_C)
+    offs_hw = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    mask = mask_c[:, None] & (offs_hw < HW)[None, :]
+    offs = n * stride_n + offs_c[:, None] * stride_c + offs_hw[None, :] * stride_hw
+    return n * C + offs_c, mask_c, offs, mask
+
+
+@triton.jit
+def _column(ptr, pc, mask_c):
+    """A per-plane (N, C) value of the tile's channels, as a [BLOCK_C, 1] column."""
+    return tl.load(ptr + pc, mask=mask_c, other=0.0)[:, None]
+
+
+@triton.jit
 def _cond_instance_norm_stats_kernel(
     x_ptr,  # (N, C, H, W) NCHW or NHWC, any float dtype
     mean_ptr,  # (N, C) out, contiguous, accumulation dtype
@@ -284,14 +302,10 @@ def _cond_instance_norm_fwd_apply_kernel(
     References: csrc/include/cond_instance_norm_math.h (fwd_element).
     """
     acc_ty = mean_ptr.dtype.element_ty
-    n, offs_c, mask_c = _channel_block(C, BLOCK_C)
-    offs_hw = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
-    mask = mask_c[:, None] & (offs_hw < HW)[None, :]
-    pc = n * C + offs_c
-    mean = tl.load(mean_ptr + pc, mask=mask_c, other=0.0)[:, None]
-    a = tl.load(a_ptr + pc, mask=mask_c, other=0.0)[:, None]
-    b = tl.load(b_ptr + pc, mask=mask_c, other=0.0)[:, None]
-    offs = n * stride_n + offs_c[:, None] * stride_c + offs_hw[None, :] * stride_hw
+    pc, mask_c, offs, mask = _tile(C, HW, stride_n, stride_c, stride_hw, BLOCK_C, BLOCK_HW)
+    mean = _column(mean_ptr, pc, mask_c)
+    a = _column(a_ptr, pc, mask_c)
+    b = _column(b_ptr, pc, mask_c)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_ty)
     out = _act(a * (x - mean) + b, ACT, IS_F64)
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -327,10 +341,10 @@ def _cond_instance_norm_bwd_reduce_kernel(
     acc_ty = mean_ptr.dtype.element_ty
     n, offs_c, mask_c = _channel_block(C, BLOCK_C)
     pc = n * C + offs_c
-    mean = tl.load(mean_ptr + pc, mask=mask_c, other=0.0)[:, None]
+    mean = _column(mean_ptr, pc, mask_c)
     if ACT != 0:
-        a = tl.load(a_ptr + pc, mask=mask_c, other=0.0)[:, None]
-        b = tl.load(b_ptr + pc, mask=mask_c, other=0.0)[:, None]
+        a = _column(a_ptr, pc, mask_c)
+        b = _column(b_ptr, pc, mask_c)
     rows = n * stride_n + offs_c[:, None] * stride_c
     acc1 = tl.zeros([BLOCK_C, BLOCK_HW], dtype=acc_ty)
     acc2 = tl.zeros([BLOCK_C, BLOCK_HW], dtype=acc_ty)
@@ -457,20 +471,16 @@ def _cond_instance_norm_bwd_apply_kernel(
     References: csrc/include/cond_instance_norm_math.h (bwd_element).
     """
     acc_ty = mean_ptr.dtype.element_ty
-    n, offs_c, mask_c = _channel_block(C, BLOCK_C)
-    offs_hw = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
-    mask = mask_c[:, None] & (offs_hw < HW)[None, :]
-    pc = n * C + offs_c
-    mean = tl.load(mean_ptr + pc, mask=mask_c, other=0.0)[:, None]
-    k_a = tl.load(k_a_ptr + pc, mask=mask_c, other=0.0)[:, None]
-    k_b = tl.load(k_b_ptr + pc, mask=mask_c, other=0.0)[:, None]
-    k_d = tl.load(k_d_ptr + pc, mask=mask_c, other=0.0)[:, None]
-    offs = n * stride_n + offs_c[:, None] * stride_c + offs_hw[None, :] * stride_hw
+    pc, mask_c, offs, mask = _tile(C, HW, stride_n, stride_c, stride_hw, BLOCK_C, BLOCK_HW)
+    mean = _column(mean_ptr, pc, mask_c)
+    k_a = _column(k_a_ptr, pc, mask_c)
+    k_b = _column(k_b_ptr, pc, mask_c)
+    k_d = _column(k_d_ptr, pc, mask_c)
     xc = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_ty) - mean
     g = tl.load(grad_out_ptr + offs, mask=mask, other=0.0).to(acc_ty)
     if ACT != 0:
-        a = tl.load(a_ptr + pc, mask=mask_c, other=0.0)[:, None]
-        b = tl.load(b_ptr + pc, mask=mask_c, other=0.0)[:, None]
+        a = _column(a_ptr, pc, mask_c)
+        b = _column(b_ptr, pc, mask_c)
         g = g * _act_grad(a * xc + b, ACT)
     grad_x = k_a * g + k_b * xc + k_d
     tl.store(grad_x_ptr + offs, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
@@ -503,7 +513,7 @@ def _cond_instance_norm_jvp_reduce_kernel(
     acc_ty = mean_ptr.dtype.element_ty
     n, offs_c, mask_c = _channel_block(C, BLOCK_C)
     pc = n * C + offs_c
-    mean = tl.load(mean_ptr + pc, mask=mask_c, other=0.0)[:, None]
+    mean = _column(mean_ptr, pc, mask_c)
     rows = n * stride_n + offs_c[:, None] * stride_c
     acc1 = tl.zeros([BLOCK_C, BLOCK_HW], dtype=acc_ty)
     acc2 = tl.zeros([BLOCK_C, BLOCK_HW], dtype=acc_ty)
@@ -650,22 +660,18 @@ def _cond_instance_norm_jvp_apply_kernel(
     References: csrc/include/cond_instance_norm_math.h (jvp_element).
     """
     acc_ty = mean_ptr.dtype.element_ty
-    n, offs_c, mask_c = _channel_block(C, BLOCK_C)
-    offs_hw = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
-    mask = mask_c[:, None] & (offs_hw < HW)[None, :]
-    pc = n * C + offs_c
-    mean = tl.load(mean_ptr + pc, mask=mask_c, other=0.0)[:, None]
-    k_q = tl.load(k_q_ptr + pc, mask=mask_c, other=0.0)[:, None]
-    k_r = tl.load(k_r_ptr + pc, mask=mask_c, other=0.0)[:, None]
-    offs = n * stride_n + offs_c[:, None] * stride_c + offs_hw[None, :] * stride_hw
+    pc, mask_c, offs, mask = _tile(C, HW, stride_n, stride_c, stride_hw, BLOCK_C, BLOCK_HW)
+    mean = _column(mean_ptr, pc, mask_c)
+    k_q = _column(k_q_ptr, pc, mask_c)
+    k_r = _column(k_r_ptr, pc, mask_c)
     xc = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_ty) - mean
     dpre = k_q * xc + k_r
     if HAS_XT:
-        k_p = tl.load(k_p_ptr + pc, mask=mask_c, other=0.0)[:, None]
+        k_p = _column(k_p_ptr, pc, mask_c)
         dpre = k_p * tl.load(x_t_ptr + offs, mask=mask, other=0.0).to(acc_ty) + dpre
     if ACT != 0:
-        a = tl.load(a_ptr + pc, mask=mask_c, other=0.0)[:, None]
-        b = tl.load(b_ptr + pc, mask=mask_c, other=0.0)[:, None]
+        a = _column(a_ptr, pc, mask_c)
+        b = _column(b_ptr, pc, mask_c)
         dpre = _act_grad(a * xc + b, ACT) * dpre
     tl.store(out_t_ptr + offs, dpre.to(out_t_ptr.dtype.element_ty), mask=mask)
 
