@@ -130,38 +130,35 @@ Geometry geometry_of(const at::Tensor& x) {
 
 // ---- row movement ---------------------------------------------------------------------------------
 
-// dst[w * L + l] = src[w * px + l]: one row of an item into lanes (one contiguous run when the
-// item's lanes are all of a row's channels, or in NCHW).
-template <typename scalar_t, typename acc_t>
-FS_ALWAYS_INLINE void load_row(const scalar_t* __restrict__ src, const Item& it, int64_t W, acc_t* __restrict__ dst) {
-  if (it.px == it.L) {
-    const int64_t n = W * it.L;
+// W runs of L elements, converted: dst[w * dst_step + l] = src[w * src_step + l]; one contiguous run when
+// both steps are L.
+template <typename From, typename To>
+FS_ALWAYS_INLINE void move_runs(const From* __restrict__ src, int64_t src_step, To* __restrict__ dst,
+                                int64_t dst_step, int64_t W, int64_t L) {
+  if (src_step == L && dst_step == L) {
+    const int64_t n = W * L;
 #pragma omp simd
-    for (int64_t e = 0; e < n; ++e) dst[e] = acc_t(src[e]);
+    for (int64_t e = 0; e < n; ++e) dst[e] = To(src[e]);
     return;
   }
   for (int64_t w = 0; w < W; ++w) {
-    const scalar_t* s = src + w * it.px;
-    acc_t* d = dst + w * it.L;
+    const From* s = src + w * src_step;
+    To* d = dst + w * dst_step;
 #pragma omp simd
-    for (int64_t l = 0; l < it.L; ++l) d[l] = acc_t(s[l]);
+    for (int64_t l = 0; l < L; ++l) d[l] = To(s[l]);
   }
+}
+
+// One row of an item into lanes (dst[w * L + l] = src[w * px + l]) and back: one contiguous run when the
+// item's lanes are all of a row's channels, or in NCHW.
+template <typename scalar_t, typename acc_t>
+FS_ALWAYS_INLINE void load_row(const scalar_t* __restrict__ src, const Item& it, int64_t W, acc_t* __restrict__ dst) {
+  move_runs(src, it.px, dst, it.L, W, it.L);
 }
 
 template <typename scalar_t, typename acc_t>
 FS_ALWAYS_INLINE void store_row(const acc_t* __restrict__ src, const Item& it, int64_t W, scalar_t* __restrict__ dst) {
-  if (it.px == it.L) {
-    const int64_t n = W * it.L;
-#pragma omp simd
-    for (int64_t e = 0; e < n; ++e) dst[e] = scalar_t(src[e]);
-    return;
-  }
-  for (int64_t w = 0; w < W; ++w) {
-    const acc_t* s = src + w * it.L;
-    scalar_t* d = dst + w * it.px;
-#pragma omp simd
-    for (int64_t l = 0; l < it.L; ++l) d[l] = scalar_t(s[l]);
-  }
+  move_runs(src, it.L, dst, it.px, W, it.L);
 }
 
 template <typename acc_t>
