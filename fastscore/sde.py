@@ -259,16 +259,10 @@ class VESDE(SDE):
         return torch.zeros_like(x), torch.sqrt(sigma**2 - prev**2)
 
 
-class VPSDE(SDE):
-    r"""Variance preserving SDE (DDPM): :math:`dx = -\tfrac12 \beta(t) x\,dt + \sqrt{\beta(t)}\,dw` with
-    :math:`\beta(t) = \beta_0 + t (\beta_1 - \beta_0)`.
-
-    Marginal: with :math:`\mathrm{lmc} = -\tfrac14 t^2 (\beta_1 - \beta_0) - \tfrac12 t \beta_0`, mean
-    :math:`e^{\mathrm{lmc}} x`, std :math:`\sqrt{1 - e^{2\,\mathrm{lmc}}}`; prior :math:`N(0, I)`. Discrete
-    (float32) tables: ``discrete_betas`` :math:`\beta_i`, ``alphas`` :math:`1 - \beta_i`,
-    ``alphas_cumprod``, ``sqrt_alphas_cumprod``, ``sqrt_1m_alphas_cumprod``; ``discretize`` is the DDPM
-    update :math:`f = (\sqrt{\alpha_i} - 1) x`, :math:`G = \sqrt{\beta_i}`.
-    """
+class _LinearBetaSDE(SDE):
+    r"""What the VP and sub-VP SDEs share: :math:`\beta(t) = \beta_0 + t (\beta_1 - \beta_0)`, its N
+    discrete (float32) values ``discrete_betas`` :math:`\beta_i` and ``alphas`` :math:`1 - \beta_i`, the
+    drift :math:`-\tfrac12 \beta(t) x`, the log mean coefficient and the prior :math:`N(0, I)`."""
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, N: int = 1000):
         beta_min = _finite(beta_min, "beta_min")
@@ -281,11 +275,6 @@ class VPSDE(SDE):
         self.beta_0, self.beta_1 = beta_min, beta_max
         self.discrete_betas = torch.linspace(beta_min / self.N, beta_max / self.N, self.N)
         self.alphas = 1.0 - self.discrete_betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        self.sqrt_alphas_cumprod = torch.sqrt(self.alphas_cumprod)
-        self.sqrt_1m_alphas_cumprod = torch.sqrt(1.0 - self.alphas_cumprod)
-        if self.discrete_betas.max().item() >= 1.0:
-            raise ValueError(f"beta_max: beta_max / N = {beta_max / self.N} must be below 1 (discrete betas)")
 
     def _args(self) -> dict:
         return {"beta_min": self.beta_0, "beta_max": self.beta_1, "N": self.N}
@@ -301,18 +290,6 @@ class VPSDE(SDE):
     def drift_coef(self, t):
         return -0.5 * self.beta(t)
 
-    def diffusion_coef(self, t):
-        b = self.beta(t)
-        return torch.sqrt(b) if isinstance(b, Tensor) else math.sqrt(b)
-
-    def marginal_prob(self, x: Tensor, t) -> tuple[Tensor, Tensor]:
-        x = _check_x(x)
-        t = _times(t, x)
-        lmc = self.log_mean_coeff(t)
-        mean = torch.exp(batch_view(lmc, x)) * x
-        std = torch.sqrt(1.0 - torch.exp(2.0 * lmc))
-        return mean, std.expand(x.shape[0]) if std.dim() == 0 else std
-
     def prior_sampling(self, shape, generator: torch.Generator | None = None, *, device=None, dtype=None) -> Tensor:
         shape = _shape(shape)
         gen_device = generator.device if generator is not None else "cpu"
@@ -326,6 +303,41 @@ class VPSDE(SDE):
         sq = z.square().sum(dim=dims) if dims else z.square()
         return -D / 2.0 * math.log(2 * math.pi) - sq / 2.0
 
+    def _marginal(self, x: Tensor, t, std_of_lmc) -> tuple[Tensor, Tensor]:
+        x = _check_x(x)
+        t = _times(t, x)
+        lmc = self.log_mean_coeff(t)
+        mean = torch.exp(batch_view(lmc, x)) * x
+        std = std_of_lmc(lmc)
+        return mean, std.expand(x.shape[0]) if std.dim() == 0 else std
+
+
+class VPSDE(_LinearBetaSDE):
+    r"""Variance preserving SDE (DDPM): :math:`dx = -\tfrac12 \beta(t) x\,dt + \sqrt{\beta(t)}\,dw` with
+    :math:`\beta(t) = \beta_0 + t (\beta_1 - \beta_0)`.
+
+    Marginal: with :math:`\mathrm{lmc} = -\tfrac14 t^2 (\beta_1 - \beta_0) - \tfrac12 t \beta_0`, mean
+    :math:`e^{\mathrm{lmc}} x`, std :math:`\sqrt{1 - e^{2\,\mathrm{lmc}}}`; prior :math:`N(0, I)`. Discrete
+    (float32) tables: ``discrete_betas`` :math:`\beta_i`, ``alphas`` :math:`1 - \beta_i`,
+    ``alphas_cumprod``, ``sqrt_alphas_cumprod``, ``sqrt_1m_alphas_cumprod``; ``discretize`` is the DDPM
+    update :math:`f = (\sqrt{\alpha_i} - 1) x`, :math:`G = \sqrt{\beta_i}`.
+    """
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, N: int = 1000):
+        super().__init__(beta_min, beta_max, N)
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self.sqrt_alphas_cumprod = torch.sqrt(self.alphas_cumprod)
+        self.sqrt_1m_alphas_cumprod = torch.sqrt(1.0 - self.alphas_cumprod)
+        if self.discrete_betas.max().item() >= 1.0:
+            raise ValueError(f"beta_max: beta_max / N = {self.beta_1 / self.N} must be below 1 (discrete betas)")
+
+    def diffusion_coef(self, t):
+        b = self.beta(t)
+        return torch.sqrt(b) if isinstance(b, Tensor) else math.sqrt(b)
+
+    def marginal_prob(self, x: Tensor, t) -> tuple[Tensor, Tensor]:
+        return self._marginal(x, t, lambda lmc: torch.sqrt(1.0 - torch.exp(2.0 * lmc)))
+
     def discretize(self, x: Tensor, t) -> tuple[Tensor, Tensor]:
         x = _check_x(x)
         t = _times(t, x)
@@ -336,7 +348,7 @@ class VPSDE(SDE):
         return f, torch.sqrt(beta)
 
 
-class subVPSDE(SDE):
+class subVPSDE(_LinearBetaSDE):
     r"""Sub-variance-preserving SDE: drift :math:`-\tfrac12 \beta(t) x`, diffusion
     :math:`\sqrt{\beta(t) (1 - e^{-2 \beta_0 t - (\beta_1 - \beta_0) t^2})}`.
 
@@ -345,27 +357,6 @@ class subVPSDE(SDE):
     no discrete model for it).
     """
 
-    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, N: int = 1000):
-        beta_min = _finite(beta_min, "beta_min")
-        beta_max = _finite(beta_max, "beta_max")
-        if beta_min < 0:
-            raise ValueError(f"beta_min: expected a non-negative number, got {beta_min}")
-        if beta_max < beta_min:
-            raise ValueError(f"beta_max: expected a value >= beta_min={beta_min}, got {beta_max}")
-        super().__init__(N)
-        self.beta_0, self.beta_1 = beta_min, beta_max
-        self.discrete_betas = torch.linspace(beta_min / self.N, beta_max / self.N, self.N)
-        self.alphas = 1.0 - self.discrete_betas
-
-    def _args(self) -> dict:
-        return {"beta_min": self.beta_0, "beta_max": self.beta_1, "N": self.N}
-
-    beta = VPSDE.beta
-    log_mean_coeff = VPSDE.log_mean_coeff
-    drift_coef = VPSDE.drift_coef
-    prior_sampling = VPSDE.prior_sampling
-    prior_logp = VPSDE.prior_logp
-
     def diffusion_coef(self, t):
         expo = -2.0 * self.beta_0 * t - (self.beta_1 - self.beta_0) * t**2
         if isinstance(t, Tensor):
@@ -373,12 +364,7 @@ class subVPSDE(SDE):
         return math.sqrt(self.beta(t) * -math.expm1(expo))
 
     def marginal_prob(self, x: Tensor, t) -> tuple[Tensor, Tensor]:
-        x = _check_x(x)
-        t = _times(t, x)
-        lmc = self.log_mean_coeff(t)
-        mean = torch.exp(batch_view(lmc, x)) * x
-        std = 1.0 - torch.exp(2.0 * lmc)
-        return mean, std.expand(x.shape[0]) if std.dim() == 0 else std
+        return self._marginal(x, t, lambda lmc: 1.0 - torch.exp(2.0 * lmc))
 
 
 class ReverseSDE:
