@@ -40,6 +40,16 @@ class Case:
     note: str = ""
 
 
+def shape_label(shape) -> str:
+    """(64, 128, 32, 32) -> "64x128x32x32", as the case names spell shapes."""
+    return "x".join(map(str, shape))
+
+
+def layout_label(layout: str) -> str:
+    """The case names' spelling of a bench's layout: "NCHW" or "NHWC" (channels_last)."""
+    return "NCHW" if layout == "nchw" else "NHWC"
+
+
 def agree_with(reference: str, *, what: str, rtol: float = 1e-4, atol: float = 1e-4, skip=("copy",)):
     """A Case.check: every provider's result (a tensor or a sequence of tensors) equals `reference`'s."""
 

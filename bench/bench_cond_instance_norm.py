@@ -114,23 +114,19 @@ def forward_backward_providers(shape, device="cpu", with_compile=True):
     return providers
 
 
-def _label(shape):
-    return "x".join(map(str, shape))
-
-
 def cases(quick=False, device="cpu", with_compile=True):
     out = []
     for shape in QUICK_SHAPES if quick else SHAPES:
         out.append(
             _harness.Case(
-                f"fwd {_label(shape)}",
+                f"fwd {_harness.shape_label(shape)}",
                 forward_providers(shape, device, with_compile),
                 _harness.agree_with("eager", what="forward"),
             )
         )
         out.append(
             _harness.Case(
-                f"fwd+bwd {_label(shape)}",
+                f"fwd+bwd {_harness.shape_label(shape)}",
                 forward_backward_providers(shape, device, with_compile),
                 _harness.agree_with("eager", what="gradients", rtol=1e-3, atol=1e-3),
             )
@@ -151,17 +147,17 @@ FWD_PROVIDERS = ["eager", "compile", "fastscore", "fastscore_out", "copy"]
 BWD_PROVIDERS = ["eager", "compile", "fastscore"]
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=_label)
+@pytest.mark.parametrize("shape", SHAPES, ids=_harness.shape_label)
 @pytest.mark.parametrize("provider", FWD_PROVIDERS)
 def test_forward(benchmark, shape, provider):
-    benchmark.group = f"{OP} fwd {_label(shape)}"
+    benchmark.group = f"{OP} fwd {_harness.shape_label(shape)}"
     fn = forward_providers(shape, with_compile=provider == "compile")[provider]
     benchmark(fn)
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=_label)
+@pytest.mark.parametrize("shape", SHAPES, ids=_harness.shape_label)
 @pytest.mark.parametrize("provider", BWD_PROVIDERS)
 def test_forward_backward(benchmark, shape, provider):
-    benchmark.group = f"{OP} fwd+bwd {_label(shape)}"
+    benchmark.group = f"{OP} fwd+bwd {_harness.shape_label(shape)}"
     fn = forward_backward_providers(shape, with_compile=provider == "compile")[provider]
     benchmark(fn)

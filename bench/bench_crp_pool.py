@@ -122,14 +122,6 @@ def forward_backward_providers(shape, layout, mode, device="cpu", with_compile=T
     return providers
 
 
-def _label(shape):
-    return "x".join(map(str, shape))
-
-
-def _short(layout):
-    return "NCHW" if layout == "nchw" else "NHWC"
-
-
 def cases(quick=False, device="cpu", with_compile=True):
     out = []
     for shape in QUICK_SHAPES if quick else SHAPES:
@@ -137,14 +129,14 @@ def cases(quick=False, device="cpu", with_compile=True):
             for mode in MODES:
                 out.append(
                     _harness.Case(
-                        f"{mode} fwd {_label(shape)} {_short(layout)}",
+                        f"{mode} fwd {_harness.shape_label(shape)} {_harness.layout_label(layout)}",
                         forward_providers(shape, layout, mode, device, with_compile),
                         _harness.agree_with("eager", what=f"{mode} forward", rtol=1e-5, atol=1e-5),
                     )
                 )
                 out.append(
                     _harness.Case(
-                        f"{mode} fwd+bwd {_label(shape)} {_short(layout)}",
+                        f"{mode} fwd+bwd {_harness.shape_label(shape)} {_harness.layout_label(layout)}",
                         forward_backward_providers(shape, layout, mode, device, with_compile),
                         _harness.agree_with("eager", what=f"{mode} gradients", rtol=1e-4, atol=1e-5),
                     )
@@ -165,21 +157,21 @@ FWD_PROVIDERS = ["eager", "compile", "fastscore", "copy"]
 BWD_PROVIDERS = ["eager", "compile", "fastscore", "copy"]
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=_label)
+@pytest.mark.parametrize("shape", SHAPES, ids=_harness.shape_label)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", FWD_PROVIDERS)
 def test_forward(benchmark, shape, layout, mode, provider):
-    benchmark.group = f"{OP} {mode} fwd {_label(shape)} {_short(layout)}"
+    benchmark.group = f"{OP} {mode} fwd {_harness.shape_label(shape)} {_harness.layout_label(layout)}"
     fn = forward_providers(shape, layout, mode, with_compile=provider == "compile")[provider]
     benchmark(fn)
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=_label)
+@pytest.mark.parametrize("shape", SHAPES, ids=_harness.shape_label)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", BWD_PROVIDERS)
 def test_forward_backward(benchmark, shape, layout, mode, provider):
-    benchmark.group = f"{OP} {mode} fwd+bwd {_label(shape)} {_short(layout)}"
+    benchmark.group = f"{OP} {mode} fwd+bwd {_harness.shape_label(shape)} {_harness.layout_label(layout)}"
     fn = forward_backward_providers(shape, layout, mode, with_compile=provider == "compile")[provider]
     benchmark(fn)

@@ -118,14 +118,6 @@ def in_place_providers(shape, layout, device="cpu", with_compile=True):
     return providers
 
 
-def _label(shape):
-    return "x".join(map(str, shape))
-
-
-def _short(layout):
-    return "NCHW" if layout == "nchw" else "NHWC"
-
-
 _PROVIDERS = {"fwd": forward_providers, "in place": in_place_providers}
 
 
@@ -136,7 +128,7 @@ def cases(quick=False, device="cpu", with_compile=True):
             for kind in KINDS:
                 out.append(
                     _harness.Case(
-                        f"{kind} {_label(shape)} {_short(layout)}",
+                        f"{kind} {_harness.shape_label(shape)} {_harness.layout_label(layout)}",
                         _PROVIDERS[kind](shape, layout, device, with_compile),
                         _harness.agree_with("eager", what=f"elu {kind}", rtol=1e-5, atol=1e-6),
                     )
@@ -156,11 +148,11 @@ def run(quick=False, device="cpu", rounds=None, record=True):
 PROVIDERS = ["eager", "compile", "fastscore", "copy"]
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=_label)
+@pytest.mark.parametrize("shape", SHAPES, ids=_harness.shape_label)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_elu(benchmark, shape, layout, kind, provider):
-    benchmark.group = f"{OP} {kind} {_label(shape)} {_short(layout)}"
+    benchmark.group = f"{OP} {kind} {_harness.shape_label(shape)} {_harness.layout_label(layout)}"
     fn = _PROVIDERS[kind](shape, layout, with_compile=provider == "compile")[provider]
     benchmark(fn)

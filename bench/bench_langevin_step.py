@@ -106,13 +106,11 @@ def check_step(shape, device="cpu"):
     return check
 
 
-def _label(shape):
-    return "x".join(map(str, shape))
-
-
 def cases(quick=False, device="cpu", with_compile=True):
     return [
-        _harness.Case(f"step {_label(shape)}", providers(shape, device, with_compile), check_step(shape, device))
+        _harness.Case(
+            f"step {_harness.shape_label(shape)}", providers(shape, device, with_compile), check_step(shape, device)
+        )
         for shape in (QUICK_SHAPES if quick else SHAPES)
     ]
 
@@ -153,10 +151,10 @@ def run(quick=False, device="cpu", rounds=None, record=True):
 PROVIDERS = ["eager", "compile", "fastscore", "fastscore_noise", "copy"]
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=_label)
+@pytest.mark.parametrize("shape", SHAPES, ids=_harness.shape_label)
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_langevin_step(benchmark, shape, provider):
-    benchmark.group = f"{OP} {_label(shape)}"
+    benchmark.group = f"{OP} {_harness.shape_label(shape)}"
     fn = providers(shape, with_compile=provider == "compile")[provider]
     benchmark(fn)
 
