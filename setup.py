@@ -39,14 +39,21 @@ def _want_cuda() -> bool:
     return has_toolchain
 
 
+def cxx_flags() -> list[str]:
+    """The g++ flags of every C++ source (csrc/cxx_flags.txt, shared with tests/test_vectorisation.py)."""
+    with open(os.path.join(ROOT, "csrc", "cxx_flags.txt")) as f:
+        return [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+
+
 def _rel(paths):
     return sorted(os.path.relpath(p, ROOT) for p in paths)
 
 
 def _extension():
     debug = os.environ.get("FASTSCORE_DEBUG") == "1"
-    opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = opt + ["-std=c++17", "-fopenmp", "-DPy_LIMITED_API=0x03090000"]
+    flags = cxx_flags()
+    opt = ["-O0", "-g"] if debug else []
+    cxx = [f for f in flags if not (debug and f.startswith("-O"))] + opt + ["-DPy_LIMITED_API=0x03090000"]
     sources = _rel(
         [os.path.join(ROOT, "csrc", "fastscore.cpp")] + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))
     )
@@ -60,7 +67,7 @@ def _extension():
     if _want_cuda():
         sources += _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
         sources += _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*_binding.cpp")))
-        nvcc = opt + ["-std=c++17", "-lineinfo"]
+        nvcc = (opt or ["-O3"]) + ["-std=c++17", "-lineinfo"]
         return CUDAExtension(
             sources=sources,
             extra_compile_args={"cxx": cxx + ["-DFASTSCORE_WITH_CUDA"], "nvcc": nvcc},

@@ -66,4 +66,12 @@ TORCH_LIBRARY(fastscore_C, m) {
   // buffers; [bytes in use, bytes cached, cap in bytes].
   m.def("output_cache_empty() -> ()", &fastscore::cpu::output_cache_empty);
   m.def("output_cache_stats() -> int[]", &fastscore::cpu::output_cache_stats);
+
+  // Which copy of the CPU kernels' hot loops runs (csrc/include/cpu_kernel_utils.h): "avx512", "avx2" or
+  // "default"; the levels this CPU and build can run, widest first; and the switch, which refuses a level
+  // the CPU cannot run.
+  m.def("cpu_capability() -> str", [] { return fastscore::cpu::cpu_capability_name(); });
+  m.def("supported_cpu_capabilities() -> str[]", [] { return fastscore::cpu::supported_cpu_capabilities(); });
+  m.def("set_cpu_capability(str name) -> ()",
+        [](c10::string_view name) { fastscore::cpu::set_cpu_capability(std::string(name)); });
 }

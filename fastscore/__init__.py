@@ -13,6 +13,7 @@ from fastscore import nn  # noqa: E402
 from fastscore import ops  # noqa: E402
 from fastscore._backend import BackendUnavailableError  # noqa: E402
 from fastscore._backend import backends  # noqa: E402
+from fastscore._backend import cpu_capability  # noqa: E402
 from fastscore._backend import empty_cache  # noqa: E402
 from fastscore._backend import use_backend  # noqa: E402
 from fastscore.patch import patch  # noqa: E402
@@ -20,6 +21,7 @@ from fastscore.patch import patch  # noqa: E402
 __all__ = [
     "__version__",
     "backends",
+    "cpu_capability",
     "empty_cache",
     "use_backend",
     "BackendUnavailableError",

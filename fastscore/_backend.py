@@ -32,6 +32,10 @@ class BackendUnavailableError(RuntimeError):
     """A forced backend cannot run the requested op here."""
 
 
+class SettingError(ValueError):
+    """A fastscore environment variable (FASTSCORE_*) holds a value fastscore cannot use."""
+
+
 # ---- what exists ---------------------------------------------------------------------------------
 
 
@@ -41,7 +45,83 @@ def _cpp_import_error() -> str | None:
         from fastscore import _C  # noqa: F401  (registers torch.ops.fastscore_C.*; torch is imported first)
     except ImportError as exc:
         return f"fastscore._C could not be imported ({exc}); {_REBUILD}"
+    _choose_cpu_capability()
     return None
+
+
+# ---- which copy of the C++ CPU kernels' hot loops runs -----------------------------------------------
+# The kernels are compiled once per x86-64 level (csrc/include/cpu_kernel_utils.h); one runs. Chosen when
+# fastscore._C loads: the widest level the CPU supports, lowered to ATen's own CPU capability (so
+# ATEN_CPU_CAPABILITY lowers both), or the level FASTSCORE_CPU_CAPABILITY names, which may not be wider
+# than the CPU supports.
+
+CPU_CAPABILITIES = ("avx512", "avx2", "default")  # ATen's names, widest first
+
+
+def _choose_cpu_capability() -> None:
+    supported = list(torch.ops.fastscore_C.supported_cpu_capabilities())
+    forced = os.environ.get("FASTSCORE_CPU_CAPABILITY", "").strip().lower()
+    if forced:
+        if forced not in CPU_CAPABILITIES:
+            raise SettingError(
+                f"FASTSCORE_CPU_CAPABILITY: expected one of {', '.join(CPU_CAPABILITIES)}, got {forced!r}"
+            )
+        if forced not in supported:
+            raise SettingError(
+                f"FASTSCORE_CPU_CAPABILITY={forced}: this CPU cannot run it (it supports {', '.join(supported)}); "
+                "unset the variable or name one of those"
+            )
+        choice = forced
+    else:
+        # ATen's level ("avx512", "avx2", "default" on x86-64) where this CPU can run it: it is ATen's own
+        # view of the CPU, lowered by ATEN_CPU_CAPABILITY; otherwise (wider, or another architecture's) ours
+        aten = torch.backends.cpu.get_cpu_capability().lower()
+        choice = aten if aten in supported else supported[0]
+    torch.ops.fastscore_C.set_cpu_capability(choice)
+
+
+def cpu_capability() -> str:
+    """The x86-64 level whose copy of the C++ CPU kernels runs: ``"avx512"``, ``"avx2"`` or ``"default"``.
+
+    The widest the CPU supports (and ATen's own CPU capability allows) unless ``FASTSCORE_CPU_CAPABILITY``
+    names a narrower one. ``"default"`` without fastscore._C or off x86-64.
+    """
+    if _cpp_import_error() is not None:
+        return "default"
+    return torch.ops.fastscore_C.cpu_capability()
+
+
+def supported_cpu_capabilities() -> list[str]:
+    """The levels this CPU (and this build) can run, widest first."""
+    if _cpp_import_error() is not None:
+        return ["default"]
+    return list(torch.ops.fastscore_C.supported_cpu_capabilities())
+
+
+def cpp_kernels() -> list[str]:
+    """The C++ CPU kernels in fastscore._C (op names without the namespace); each runs cpu_capability()'s copy."""
+    if _cpp_import_error() is not None:
+        return []
+    names = (n for n in torch._C._dispatch_get_all_op_names() if n.startswith("fastscore_C::"))
+    return sorted(n.split("::")[1] for n in names if torch._C._dispatch_has_kernel_for_dispatch_key(n, "CPU"))
+
+
+@contextlib.contextmanager
+def use_cpu_capability(name: str):
+    """Run the C++ CPU kernels' copy for level `name` inside the block (process-wide; for tests and benches).
+
+    A level the CPU cannot run raises ValueError.
+    """
+    if name not in CPU_CAPABILITIES:
+        raise ValueError(f"name: expected one of {', '.join(CPU_CAPABILITIES)}, got {name!r}")
+    if name not in supported_cpu_capabilities():
+        raise ValueError(f"name: this CPU cannot run {name} (it supports {', '.join(supported_cpu_capabilities())})")
+    before = cpu_capability()
+    torch.ops.fastscore_C.set_cpu_capability(name)
+    try:
+        yield
+    finally:
+        torch.ops.fastscore_C.set_cpu_capability(before)
 
 
 def _has_kernel(cpp_op: str, dispatch_key: str) -> bool:
@@ -102,7 +182,8 @@ def _status(backend: str, device_type: str, cpp_op: str | None = None) -> str | 
 def backends() -> dict:
     """Per backend: whether it can run here, on which device types, and if not, why.
 
-    Returns ``{name: {"available": bool, "devices": [...], "reason": str}}``.
+    Returns ``{name: {"available": bool, "devices": [...], "reason": str}}``; where cpp is available, its entry
+    also names the ``cpu_capability`` its kernels run (see cpu_capability()).
     """
     present = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     report = {}
@@ -117,6 +198,8 @@ def backends() -> dict:
         else:  # the reason on the backend's own device
             reason = _status(name, "cpu" if name == "cpp" else "cuda") or ""
         report[name] = {"available": bool(devices), "devices": devices, "reason": reason}
+    if report["cpp"]["available"]:
+        report["cpp"]["cpu_capability"] = cpu_capability()
     return report
 
 

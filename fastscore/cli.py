@@ -58,6 +58,15 @@ def _info(args) -> int:
     except ValueError as exc:  # a malformed FASTSCORE_CPU_CACHE_MB: say so, the rest of the report stands
         state = str(exc).splitlines()[0]
     print(f"CPU output cache: {state} (FASTSCORE_CPU_CACHE_MB; fastscore.empty_cache() releases it)")
+    if fastscore.backends()["cpp"]["available"]:
+        from fastscore._backend import cpp_kernels
+        from fastscore._backend import supported_cpu_capabilities
+
+        supported = supported_cpu_capabilities()
+        force = f"; FASTSCORE_CPU_CAPABILITY={'|'.join(supported[1:])} forces a narrower one" if supported[1:] else ""
+        print(f"cpp kernels: CPU capability {fastscore.cpu_capability()} (this CPU runs {', '.join(supported)}{force})")
+        for op in cpp_kernels():
+            print(f"  {op:<28} {fastscore.cpu_capability()}")
     return 0
 
 
@@ -811,6 +820,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"fastscore {args.command}: interrupted", file=sys.stderr)
         return 130
+    except ValueError as exc:
+        from fastscore._backend import SettingError
+
+        if not isinstance(exc, SettingError):
+            raise
+        print(f"fastscore {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

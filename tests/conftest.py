@@ -13,8 +13,6 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-import fastscore  # noqa: E402
-
 
 @pytest.fixture(autouse=True)
 def _seed_and_isolate(monkeypatch):
@@ -31,11 +29,3 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
-
-
-def backends_for(device: str = "cpu") -> list[str]:
-    """The backends that can run on `device` tensors here (ref always)."""
-    return [name for name, info in fastscore.backends().items() if device in info["devices"]]
-
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

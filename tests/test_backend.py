@@ -1,5 +1,8 @@
 """Backend selection: forcing, availability reports, automatic fallback (fastscore/_backend.py)."""
 
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -21,7 +24,7 @@ def test_backends_reports_every_backend_with_reasons():
     assert list(report) == ["ref", "cpp", "triton", "cuda"]
     assert report["ref"]["available"] and "cpu" in report["ref"]["devices"]
     for name, info in report.items():
-        assert set(info) == {"available", "devices", "reason"}
+        assert set(info) - {"cpu_capability"} == {"available", "devices", "reason"}
         assert info["available"] == bool(info["devices"])
         if not info["available"]:
             assert info["reason"], f"{name} is unavailable without saying why"
@@ -121,3 +124,103 @@ def test_inference_fast_path_equals_the_autograd_path():
     slow = cond_instance_norm(x, g.requires_grad_(), a, b, act="elu")
     assert slow.requires_grad and not fast.requires_grad
     torch.testing.assert_close(fast, slow.detach(), rtol=0, atol=0)
+
+
+# ---- CPU capability: which copy of the C++ kernels' hot loops runs ------------------------------------------
+
+
+def _cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _widest_level_from_cpuinfo() -> str:
+    """Read independently of fastscore (and of g++'s resolver): the x86-64 level the CPU's flags allow."""
+    flags = _cpu_flags()
+    v3 = {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"}  # abm: lzcnt
+    v4 = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+    if v3 <= flags and v4 <= flags:
+        return "avx512"
+    return "avx2" if v3 <= flags else "default"
+
+
+@pytest.mark.skipif(
+    not (sys.platform == "linux" and os.uname().machine == "x86_64"), reason="x86-64 levels, read from /proc/cpuinfo"
+)
+def test_kernels_run_the_widest_copy_the_cpu_supports():
+    if os.environ.get("FASTSCORE_CPU_CAPABILITY") or os.environ.get("ATEN_CPU_CAPABILITY"):
+        pytest.skip("a capability is forced by the environment")
+    widest = _widest_level_from_cpuinfo()
+    assert _backend.supported_cpu_capabilities()[0] == widest
+    assert fastscore.cpu_capability() == widest, (
+        f"the C++ kernels run the {fastscore.cpu_capability()} copy on a CPU that supports {widest}"
+    )
+    assert fastscore.backends()["cpp"]["cpu_capability"] == widest
+    assert _backend.supported_cpu_capabilities()[-1] == "default"
+
+
+def test_use_cpu_capability_switches_and_restores():
+    before = fastscore.cpu_capability()
+    for level in _backend.supported_cpu_capabilities():
+        with _backend.use_cpu_capability(level):
+            assert fastscore.cpu_capability() == level
+        assert fastscore.cpu_capability() == before
+    with pytest.raises(ValueError, match="name: expected one of avx512, avx2, default"):
+        with _backend.use_cpu_capability("sse"):
+            pass
+    assert fastscore.cpu_capability() == before
+
+
+def test_a_level_the_cpu_cannot_run_is_refused():
+    unsupported = [c for c in _backend.CPU_CAPABILITIES if c not in _backend.supported_cpu_capabilities()]
+    with pytest.raises(ValueError, match="unknown"):
+        torch.ops.fastscore_C.set_cpu_capability("avx1024")
+    if not unsupported:
+        pytest.skip("this CPU runs every level: nothing wider to refuse")
+    with pytest.raises(ValueError, match="cannot run it"):
+        torch.ops.fastscore_C.set_cpu_capability(unsupported[0])
+    with pytest.raises(ValueError, match="cannot run"):
+        with _backend.use_cpu_capability(unsupported[0]):
+            pass
+
+
+def _in_fresh_process(code: str, **env):
+    environment = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment)
+
+
+@pytest.mark.slow
+def test_environment_variable_forces_a_narrower_copy_and_refuses_bad_values():
+    code = "import fastscore; print(fastscore.cpu_capability())"
+    for level in _backend.supported_cpu_capabilities():
+        done = _in_fresh_process(code, FASTSCORE_CPU_CAPABILITY=level)
+        assert done.returncode == 0 and done.stdout.split() == [level], done.stderr
+    done = _in_fresh_process(code, FASTSCORE_CPU_CAPABILITY="avx1024")
+    assert done.returncode != 0 and "FASTSCORE_CPU_CAPABILITY: expected one of avx512, avx2, default" in done.stderr
+    unsupported = [c for c in _backend.CPU_CAPABILITIES if c not in _backend.supported_cpu_capabilities()]
+    if unsupported:
+        done = _in_fresh_process(code, FASTSCORE_CPU_CAPABILITY=unsupported[0])
+        assert done.returncode != 0 and "this CPU cannot run it" in done.stderr
+    # ATen's own capability, lowered by ATEN_CPU_CAPABILITY, lowers fastscore's too
+    done = _in_fresh_process(code, ATEN_CPU_CAPABILITY="default")
+    assert done.returncode == 0 and done.stdout.split() == ["default"], done.stderr
+
+
+@pytest.mark.slow
+def test_info_names_the_capability_of_every_kernel_and_a_bad_setting_is_one_line():
+    done = _in_fresh_process("import sys; from fastscore.cli import main; sys.exit(main(['info']))")
+    assert done.returncode == 0, done.stderr
+    level = fastscore.cpu_capability()
+    for op in _backend.cpp_kernels():
+        assert any(line.split() == [op, level] for line in done.stdout.splitlines()), f"info does not show {op}"
+    assert f"cpp kernels: CPU capability {level}" in done.stdout
+    done = _in_fresh_process(
+        "import sys; from fastscore.cli import main; sys.exit(main(['info']))", FASTSCORE_CPU_CAPABILITY="sse9"
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "fastscore info: error: FASTSCORE_CPU_CAPABILITY: expected one of avx512, avx2, default, got 'sse9'"
+    ]

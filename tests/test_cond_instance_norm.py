@@ -8,14 +8,14 @@ torch.compile parity; the out= variant; bad input.
 import pytest
 import torch
 import torch.nn.functional as F
+from _backends import kernel_backends
+from _backends import use
 from _tolerance import assert_close_to_reference
-from conftest import backends_for
 
-import fastscore
 from fastscore.ops import cond_instance_norm
 from fastscore.ops import cond_instance_norm_ref
 
-BACKENDS = backends_for("cpu")
+BACKENDS = kernel_backends("cpu")
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 # (N, C, H, W): odd sizes, C not a multiple of any vector width, N = 1 (the kernels' phased path,
 # with several channel blocks at C = 40), H * W = 1, C = 2 (the least mean reinjection allows).
@@ -87,7 +87,7 @@ def test_forward_matches_reference(backend, dtype, shape, layout, variant):
     x = make_x(shape, dtype, layout)
     gamma, alpha, beta, act = make_params(shape, dtype, variant)
     x_before = x.clone()
-    with fastscore.use_backend(backend):
+    with use(backend):
         out = cond_instance_norm(x, gamma, alpha, beta, act=act)
     ref64 = cond_instance_norm_ref(x.double(), _double(gamma), _double(alpha), _double(beta), act=act)
     plain = cond_instance_norm_ref(x, gamma, alpha, beta, act=act)
@@ -106,7 +106,7 @@ def test_gradients_match_reference(backend, dtype, shape, layout, variant):
     names = [n for n, t in zip(("x", "gamma", "alpha", "beta"), (x, gamma, alpha, beta)) if t is not None]
     grad_out = torch.randn(shape, dtype=torch.float64).to(dtype)
 
-    with fastscore.use_backend(backend):
+    with use(backend):
         fused = torch.autograd.grad(cond_instance_norm(x, gamma, alpha, beta, act=act), inputs, grad_out)
     inputs64 = [t.detach().double().requires_grad_() for t in inputs]
     args64 = dict(zip(names, inputs64))
@@ -140,7 +140,7 @@ def test_gradcheck_and_gradgradcheck(backend, variant):
         b = args.pop(0) if with_beta else None
         return cond_instance_norm(xx, g, a, b, act=act)
 
-    with fastscore.use_backend(backend):
+    with use(backend):
         assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-8)
         if backend != "triton":  # gradgradcheck differentiates the reference: backend-independent
             assert torch.autograd.gradgradcheck(f, inputs, eps=1e-6, atol=1e-7)
@@ -167,7 +167,7 @@ def test_jvp_matches_reference_and_is_nonzero(backend, variant, dtype):
 
         return f
 
-    with fastscore.use_backend(backend):
+    with use(backend):
         out, out_t = torch.func.jvp(call(cond_instance_norm), primals, tangents)
     ref_out, ref_t = torch.func.jvp(
         call(cond_instance_norm_ref), tuple(t.double() for t in primals), tuple(t.double() for t in tangents)
@@ -189,7 +189,7 @@ def test_jvp_of_grad_matches_reference(backend):
     def loss(fn):
         return lambda xx: (fn(xx, gamma, alpha, beta, act=act) * w).sum()
 
-    with fastscore.use_backend(backend):
+    with use(backend):
         _, hvp = torch.func.jvp(torch.func.grad(loss(cond_instance_norm)), (x,), (v,))
     _, hvp_ref = torch.func.jvp(torch.func.grad(loss(cond_instance_norm_ref)), (x,), (v,))
     assert hvp.abs().max() > 0
@@ -301,7 +301,7 @@ def test_out_and_in_place(backend, layout):
     want = cond_instance_norm_ref(x.double(), gamma.double(), alpha.double(), beta.double(), act=act)
     plain = cond_instance_norm_ref(x, gamma, alpha, beta, act=act)
     out = torch.empty_like(x)
-    with fastscore.use_backend(backend):
+    with use(backend):
         result = cond_instance_norm(x, gamma, alpha, beta, act=act, out=out)
         assert result is out
         assert_close_to_reference(out, want, plain, what="out=")

@@ -8,14 +8,14 @@ tangents; opcheck on every custom op; torch.compile parity; bad input.
 import pytest
 import torch
 import torch.nn.functional as F
+from _backends import kernel_backends
+from _backends import use
 from _tolerance import assert_close_to_reference
-from conftest import backends_for
 
-import fastscore
 from fastscore.ops import crp_pool
 from fastscore.ops import crp_pool_ref
 
-BACKENDS = backends_for("cpu")
+BACKENDS = kernel_backends("cpu")
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 MODES = ("max", "avg")
 # (N, C, H, W): H * W = 1; H and W below the window (5); odd sizes; N = 1 with C = 40 (the C++
@@ -90,7 +90,7 @@ def make_ties(shape, dtype, layout="contiguous"):
 def test_forward_matches_reference(backend, dtype, shape, layout, mode):
     x = make_x(shape, dtype, layout)
     x_before = x.clone()
-    with fastscore.use_backend(backend):
+    with use(backend):
         out = crp_pool(x, mode=mode)
     ref64 = crp_pool_ref(x.double(), mode=mode)
     plain = crp_pool_ref(x, mode=mode)
@@ -107,7 +107,7 @@ def test_forward_matches_reference(backend, dtype, shape, layout, mode):
 def test_gradient_matches_reference(backend, dtype, shape, layout, mode):
     x = make_x(shape, dtype, layout).requires_grad_()
     grad_out = _in_layout(torch.randn(shape, dtype=torch.float64).to(dtype), layout)
-    with fastscore.use_backend(backend):
+    with use(backend):
         (fused,) = torch.autograd.grad(crp_pool(x, mode=mode), x, grad_out)
     x64 = x.detach().double().requires_grad_()
     (ref64,) = torch.autograd.grad(crp_pool_ref(x64, mode=mode), x64, grad_out.double())
@@ -126,7 +126,7 @@ def test_max_routing_equals_pytorch_with_ties_inf_and_nan(backend, dtype, layout
     x = make_ties(shape, dtype, layout).requires_grad_()
     # small integers: every sum of them is exact, so the comparison can be exact too
     grad_out = _in_layout(torch.randint(-3, 4, shape).to(dtype), layout)
-    with fastscore.use_backend(backend):
+    with use(backend):
         out = crp_pool(x, mode="max")
         (grad,) = torch.autograd.grad(out, x, grad_out)
     want = F.max_pool2d(x, 5, stride=1, padding=2)
@@ -148,7 +148,7 @@ def test_gradcheck_and_gradgradcheck(backend, mode):
     def f(xx):
         return crp_pool(xx, mode=mode)
 
-    with fastscore.use_backend(backend):
+    with use(backend):
         # fast mode (random projections) in Triton's interpreter: a full Jacobian is ~250 launches there
         assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-8, fast_mode=backend == "triton")
         if backend != "triton":  # gradgradcheck differentiates the reference: backend-independent
@@ -162,7 +162,7 @@ def test_jvp_matches_reference_and_is_nonzero(backend, mode, dtype):
     shape = (3, 5, 6, 9)
     x = _in_layout(make_distinct(shape, dtype), "channels_last" if mode == "avg" else "contiguous")
     v = torch.randn_like(x)
-    with fastscore.use_backend(backend):
+    with use(backend):
         out, out_t = torch.func.jvp(lambda y: crp_pool(y, mode=mode), (x,), (v,))
     _, ref_t = torch.func.jvp(lambda y: crp_pool_ref(y, mode=mode), (x.double(),), (v.double(),))
     _, plain_t = torch.func.jvp(lambda y: crp_pool_ref(y, mode=mode), (x,), (v,))
@@ -177,7 +177,7 @@ def test_max_jvp_picks_the_tangent_pytorch_picks(backend):
     shape = (2, 3, 7, 9) if backend != "triton" else (1, 2, 6, 7)
     x = make_ties(shape, torch.float32)
     v = torch.randn_like(x)
-    with fastscore.use_backend(backend):
+    with use(backend):
         _, out_t = torch.func.jvp(lambda y: crp_pool(y, mode="max"), (x,), (v,))
     _, idx = F.max_pool2d(x, 5, stride=1, padding=2, return_indices=True)
     want = v.flatten(2).gather(2, idx.flatten(2)).view(shape)
@@ -196,7 +196,7 @@ def test_jvp_of_grad_matches_reference(backend, mode):
     def loss(fn):
         return lambda xx: (fn(xx, mode=mode).square() * w).sum()
 
-    with fastscore.use_backend(backend):
+    with use(backend):
         _, hvp = torch.func.jvp(torch.func.grad(loss(crp_pool)), (x,), (v,))
     _, hvp_ref = torch.func.jvp(torch.func.grad(loss(crp_pool_ref)), (x,), (v,))
     assert hvp.abs().max() > 0

@@ -8,14 +8,15 @@ opcheck on every custom op; torch.compile parity; bad input.
 import pytest
 import torch
 import torch.nn.functional as F
+from _backends import base
+from _backends import kernel_backends
+from _backends import use
 from _tolerance import assert_close_to_reference
-from conftest import backends_for
 
-import fastscore
 from fastscore.ops.elu import elu
 from fastscore.ops.elu import elu_ref
 
-BACKENDS = backends_for("cpu")
+BACKENDS = kernel_backends("cpu")
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 # 4-D activations (odd sizes; N = 1 with C = 40), one large enough that the C++ kernel splits it across
 # threads with a ragged tail, and other ranks (the op is elementwise: any shape).
@@ -75,7 +76,7 @@ def test_forward_and_gradient_match_torch_elu(backend, dtype, shape, layout):
     x_before = x.clone()
     grad_out = _in_layout(torch.randn(shape, dtype=torch.float64).to(dtype), layout)
     xg = x.detach().requires_grad_()
-    with fastscore.use_backend(backend):
+    with use(backend):
         out = elu(x)
         (grad,) = torch.autograd.grad(elu(xg), xg, grad_out)
     x64 = x.detach().double().requires_grad_()
@@ -97,7 +98,7 @@ def test_nan_and_infinities_as_torch(backend, dtype):
     x = torch.tensor([float("nan"), float("inf"), float("-inf"), -0.0, 0.0, -1e-30, 1e-30, -100.0], dtype=dtype)
     x = x.repeat(3).requires_grad_()
     grad_out = torch.ones_like(x)
-    with fastscore.use_backend(backend):
+    with use(backend):
         out = elu(x)
         (grad,) = torch.autograd.grad(out, x, grad_out)
     want = F.elu(x)
@@ -113,7 +114,7 @@ def test_nan_and_infinities_as_torch(backend, dtype):
 
 # The C++ kernels convert half types by bit manipulation (vectorisable); Triton uses its own casts (and its
 # interpreter flushes bfloat16 subnormals, which a GPU does not).
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b == "cpp"])
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if base(b) == "cpp"])
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
 def test_every_half_precision_value(backend, dtype):
     """All 65536 bit patterns (subnormals, infinities, NaNs) through the C++ kernels' conversions.
@@ -121,7 +122,7 @@ def test_every_half_precision_value(backend, dtype):
     Positive values and +inf come back bit for bit, NaN stays NaN, negative values are torch's ELU within
     an ulp of the dtype; a gradient with x > 0 is grad_out itself, bit for bit."""
     x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
-    with fastscore.use_backend(backend):
+    with use(backend):
         out = elu(x)
         grad = torch.ops.fastscore.elu_bwd(x, torch.ones_like(x))
     nan = x.isnan()
@@ -150,7 +151,7 @@ def test_permuted_dense_input_runs_in_its_own_memory_order():
 def test_gradcheck_and_gradgradcheck(backend):
     x = make_x((2, 3, 4, 5), torch.float64, "channels_last")
     x = torch.where(x.abs() < 1e-3, 0.5, x).requires_grad_()  # keep finite differences off the kink at 0
-    with fastscore.use_backend(backend):
+    with use(backend):
         assert torch.autograd.gradcheck(elu, (x,), eps=1e-6, atol=1e-8)
         assert torch.autograd.gradgradcheck(elu, (x,), eps=1e-6, atol=1e-7)
 
@@ -160,7 +161,7 @@ def test_gradcheck_and_gradgradcheck(backend):
 def test_jvp_matches_reference_and_is_nonzero(backend, dtype):
     x = make_x((3, 5, 6, 9), dtype, "channels_last")
     v = torch.randn_like(x)
-    with fastscore.use_backend(backend):
+    with use(backend):
         out, out_t = torch.func.jvp(elu, (x,), (v,))
     _, ref_t = torch.func.jvp(elu_ref, (x.double(),), (v.double(),))
     _, plain_t = torch.func.jvp(elu_ref, (x,), (v,))
@@ -179,7 +180,7 @@ def test_jvp_of_grad_matches_reference(backend):
     def loss(fn):
         return lambda xx: (fn(xx).square() * w).sum()
 
-    with fastscore.use_backend(backend):
+    with use(backend):
         _, hvp = torch.func.jvp(torch.func.grad(loss(elu)), (x,), (v,))
     _, hvp_ref = torch.func.jvp(torch.func.grad(loss(elu_ref)), (x,), (v,))
     assert hvp.abs().max() > 0
@@ -209,7 +210,7 @@ def test_out_and_in_place(backend, layout):
     out = torch.full_like(x, 7.0)
     y = x.clone() if layout != "strided" else _in_layout(x.clone(), "strided")
     y_base = y._base
-    with fastscore.use_backend(backend), torch.no_grad():
+    with use(backend), torch.no_grad():
         got = elu(x, out=out)
         same = elu(y, out=y)
         other = elu(x, out=torch.empty(x.shape))  # out in another layout than x

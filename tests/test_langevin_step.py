@@ -13,9 +13,10 @@ import math
 
 import pytest
 import torch
-from conftest import backends_for
+from _backends import base
+from _backends import kernel_backends
+from _backends import use
 
-import fastscore
 from fastscore.ops import counter_randn
 from fastscore.ops import counter_randn_ref
 from fastscore.ops import langevin_corrector_step_
@@ -26,7 +27,7 @@ from fastscore.ops import langevin_step_ref
 from fastscore.ops import sde_update_
 from fastscore.ops import sde_update_ref
 
-BACKENDS = backends_for("cpu")
+BACKENDS = kernel_backends("cpu")
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # vectors (N, D), images (N, C, H, W): N = 1, odd sizes, D and H * W not multiples of 4 (Philox blocks
 # straddle samples), C = 1 (contiguous and channels_last at once).
@@ -144,7 +145,7 @@ def test_generated_noise_is_the_same_bits_on_every_backend(backend):
     ]
     for shape, seed, counter, offset in cases:
         want = counter_randn_ref(shape, seed=seed, counter=counter, sample_offset=offset)
-        with fastscore.use_backend(backend):
+        with use(backend):
             got = counter_randn(shape, seed=seed, counter=counter, sample_offset=offset)
             for dtype in (torch.float64, torch.bfloat16, torch.float16):
                 other = counter_randn(shape, seed=seed, counter=counter, sample_offset=offset, dtype=dtype)
@@ -158,7 +159,7 @@ def test_generated_noise_is_the_same_bits_on_every_backend(backend):
 def test_noise_is_batch_invariant_and_shardable(backend):
     shape = (64, 3, 5, 5) if backend != "triton" else (16, 3, 5, 5)
     N = shape[0]
-    with fastscore.use_backend(backend):
+    with use(backend):
         full = counter_randn(shape, seed=SEED, counter=9)
         for k in (0, 5, N - 1):
             alone = counter_randn((1,) + shape[1:], seed=SEED, counter=9, sample_offset=k)
@@ -220,8 +221,8 @@ def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_noise_statistics(backend):
-    n = {"cpp": 1 << 20, "ref": 1 << 19}.get(backend, 1 << 16)  # the interpreter is slow
-    with fastscore.use_backend(backend):
+    n = {"cpp": 1 << 20, "ref": 1 << 19}.get(base(backend), 1 << 16)  # the interpreter is slow
+    with use(backend):
         z = counter_randn((n // 64, 64), seed=SEED, counter=1)
         _check_normal(z, f"counter_randn[{backend}]")
         lim = 5 / math.sqrt(n // 4)
@@ -233,7 +234,7 @@ def test_noise_statistics(backend):
         assert abs(_corr(quad[:, 0] ** 2, quad[:, 1] ** 2)) < lim, "squares of a Box-Muller pair are correlated"
         assert abs(_corr(quad[:, 0] ** 2, quad[:, 2] ** 2)) < lim, "squares of a Philox block's pairs are correlated"
         m = n // 8
-        base = counter_randn((m,), seed=SEED, counter=1)
+        first = counter_randn((m,), seed=SEED, counter=1)
         for what, other in (
             ("next counter", counter_randn((m,), seed=SEED, counter=2)),
             ("next seed", counter_randn((m,), seed=SEED + 1, counter=1)),
@@ -241,9 +242,9 @@ def test_noise_statistics(backend):
             ("counter high word", counter_randn((m,), seed=SEED, counter=1 + (1 << 32))),
             ("next sample_offset", counter_randn((m,), seed=SEED, counter=1, sample_offset=1)),
         ):
-            r = _corr(base, other)
+            r = _corr(first, other)
             assert abs(r) < 5 / math.sqrt(m), f"{backend}: correlation {r} with the {what}"
-            assert abs(_corr(base**2, other**2)) < 5 / math.sqrt(m) * 2, f"{backend}: squares vs the {what}"
+            assert abs(_corr(first**2, other**2)) < 5 / math.sqrt(m) * 2, f"{backend}: squares vs the {what}"
         _check_normal(counter_randn((m,), seed=SEED, counter=2), f"counter_randn[{backend}] counter 2")
 
 
@@ -268,7 +269,7 @@ def test_given_noise_matches_reference_exactly(backend, dtype, shape):
                         want.double(), exact, rtol=0, atol=4 * (exact.abs().max().item() + 1) * torch.finfo(dtype).eps
                     )
                 y = x.clone(memory_format=torch.preserve_format)
-                with fastscore.use_backend(backend):
+                with use(backend):
                     out = langevin_step_(y, score, step, noise=noise, mask=mask, known=known)
                 what = f"[{backend}] {layout} {step_name} {mask_name}"
                 assert out is y, f"{what}: did not return x"
@@ -281,7 +282,7 @@ def test_given_noise_matches_reference_exactly(backend, dtype, shape):
 def test_generated_noise_update_equals_counter_randn(backend, dtype, shape):
     x, score = make(shape, dtype, "channels_last" if len(shape) == 4 else "contiguous")
     step = torch.rand(shape[0], generator=torch.Generator().manual_seed(5)) * 0.05
-    with fastscore.use_backend(backend):
+    with use(backend):
         y = langevin_step_(
             x.clone(memory_format=torch.preserve_format), score, step, seed=SEED, counter=17, sample_offset=3
         )
@@ -363,7 +364,7 @@ def test_corrector_matches_score_sde(backend, dtype):
         for kw in ({"noise": z}, {"seed": SEED, "counter": 4}):
             y = x.clone(memory_format=torch.preserve_format)
             x_mean = torch.empty_like(x)
-            with fastscore.use_backend(backend):
+            with use(backend):
                 langevin_corrector_step_(y, score, 0.16, alpha=alpha, per_sample=per_sample, x_mean=x_mean, **kw)
             what = f"[{backend}] per_sample={per_sample} {list(kw)}"
             torch.testing.assert_close(y.double(), want, **tol, msg=lambda m, what=what: f"x {what}: {m}")
@@ -391,7 +392,7 @@ def test_norms_partial_sums_match_the_reference_for_any_number_of_pieces(backend
                 want = torch.full((shape[0], P, 2), float("nan"), dtype=torch.float64)
                 lgv._norms_ref_impl(score, given, -5, 2, 3, want)
                 got = torch.full_like(want, float("nan"))
-                with fastscore.use_backend(backend):
+                with use(backend):
                     lgv._norms_into(score, given, -5, 2, 3, got)
                 what = f"[{backend}] {layout} P={P} noise={'given' if given is not None else 'generated'}"
                 torch.testing.assert_close(got, want, **tol, msg=lambda m, what=what: f"{what}: {m}")
@@ -466,7 +467,7 @@ def test_predictor_mappings_match_score_sde(backend):
     for name, (want_mean, noise_scale, (a, b, c)) in cases.items():
         want = want_mean + noise_scale * z
         y, y_mean = x.clone(), torch.empty_like(x)
-        with fastscore.use_backend(backend):
+        with use(backend):
             out = sde_update_(y, score, x_scale=a, score_scale=b, noise_scale=c, x_mean=y_mean, noise=z)
         assert out is y
         torch.testing.assert_close(y_mean, want_mean, rtol=1e-12, atol=1e-12, msg=lambda m, n=name: f"{n} x_mean: {m}")
@@ -597,7 +598,7 @@ def test_other_functions_check_their_arguments():
         counter_randn((2, 3), seed="1")
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("cpp", "triton")])
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if base(b) in ("cpp", "triton")])
 def test_norms_kernels_check_their_output_buffer(backend):
     """The sampler hands the norms pass its own buffer: a wrong one is refused by name, not written past."""
     _, score = make((2, 3, 4, 4), torch.float32)
@@ -609,7 +610,7 @@ def test_norms_kernels_check_their_output_buffer(backend):
         "strided": (good.transpose(0, 1).contiguous().transpose(0, 1), ValueError, "out: expected a contiguous"),
     }
     for out, exc, message in bad.values():
-        with fastscore.use_backend(backend), pytest.raises(exc, match=message):
+        with use(backend), pytest.raises(exc, match=message):
             lgv._norms_into(score, None, 1, 0, 0, out)
 
 

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from _backends import kernel_backends
+from _backends import use
 
-import fastscore
 from fastscore import models
 from fastscore.models import NCSN
 from fastscore.models import CheckpointError
@@ -286,7 +287,7 @@ def test_bad_layers_argument():
 
 # ---- numerics: fused vs reference ----------------------------------------------------------------------------
 
-BACKENDS = [b for b in ("cpp", "ref", "triton") if "cpu" in fastscore.backends()[b]["devices"]]
+BACKENDS = kernel_backends("cpu")
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))
@@ -314,7 +315,7 @@ def test_fused_matches_reference_under_each_backend(backend):
     x, y = inputs(ref, batch=2)
     want = ref(x, y)
     xf = x.clone().requires_grad_()
-    with fastscore.use_backend(backend):
+    with use(backend):
         out = fused(xf, y)
         out.square().sum().backward()
     assert rel_err(out, want) < 1e-5

@@ -154,18 +154,18 @@ FS_ALWAYS_INLINE void map_channels(const Problem<scalar_t>& p, int64_t n, int64_
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t plane = base + c * p.HW;
 #pragma omp simd
-      for (int64_t i = plane; i < plane + p.HW; ++i) dst[i] = scalar_t(value(c, i));
+      for (int64_t i = plane; i < plane + p.HW; ++i) dst[i] = narrow<scalar_t>(value(c, i));
     }
     return;
   }
   for (int64_t r = 0; r < p.HW; ++r) {
     const int64_t row = base + r * p.C;
 #pragma omp simd
-    for (int64_t c = c0; c < c1; ++c) dst[row + c] = scalar_t(value(c, row + c));
+    for (int64_t c = c0; c < c1; ++c) dst[row + c] = narrow<scalar_t>(value(c, row + c));
   }
 }
 
-// ---- hot loops, one cloned entry point per (direction, step, dtype) ----------------------------
+// ---- hot loops, one entry point per (direction, step, dtype), run in the CPU capability's copy ----
 
 template <typename scalar_t>
 FS_ALWAYS_INLINE void fwd_reduce_impl(const Problem<scalar_t>& p, int64_t n, int64_t c0, int64_t c1) {
@@ -175,11 +175,11 @@ FS_ALWAYS_INLINE void fwd_reduce_impl(const Problem<scalar_t>& p, int64_t n, int
   std::vector<acc_t> shift(cn);
   // The shift K is the plane's first element (channels_last: the first row).
   for (int64_t c = c0; c < c1; ++c)
-    shift[c - c0] = acc_t(p.x[p.offset(n) + (p.channels_last ? c : c * p.HW)]);
+    shift[c - c0] = widen(p.x[p.offset(n) + (p.channels_last ? c : c * p.HW)]);
   const acc_t* K = shift.data();
   const scalar_t* x = p.x;
   reduce_channels(p, n, c0, c1, sums.data(), sums.data() + cn, [&](int64_t c, int64_t i, acc_t& t1, acc_t& t2) {
-    const acc_t d = acc_t(x[i]) - K[c - c0];
+    const acc_t d = widen(x[i]) - K[c - c0];
     t1 = d;
     t2 = d * d;
   });
@@ -200,7 +200,7 @@ FS_ALWAYS_INLINE void fwd_map_impl(const Problem<scalar_t>& p, int64_t n, int64_
   const acc_t* b = p.b + n * p.C;
   const scalar_t* x = p.x;
   map_channels(p, n, c0, c1, p.out,
-               [&](int64_t c, int64_t i) { return fwd_element(acc_t(x[i]) - mean[c], a[c], b[c], ACT); });
+               [&](int64_t c, int64_t i) { return fwd_element(widen(x[i]) - mean[c], a[c], b[c], ACT); });
 }
 
 template <int ACT, typename scalar_t>
@@ -214,8 +214,8 @@ FS_ALWAYS_INLINE void bwd_reduce_impl(const Problem<scalar_t>& p, int64_t n, int
   const scalar_t* x = p.x;
   const scalar_t* go = p.grad_out;
   reduce_channels(p, n, c0, c1, sums.data(), sums.data() + cn, [&](int64_t c, int64_t i, acc_t& t1, acc_t& t2) {
-    const acc_t xc = acc_t(x[i]) - mean[c];
-    const acc_t g = bwd_pre_grad(acc_t(go[i]), xc, a[c], b[c], ACT);
+    const acc_t xc = widen(x[i]) - mean[c];
+    const acc_t g = bwd_pre_grad(widen(go[i]), xc, a[c], b[c], ACT);
     t1 = g;
     t2 = g * xc;
   });
@@ -233,7 +233,7 @@ FS_ALWAYS_INLINE void bwd_map_impl(const Problem<scalar_t>& p, int64_t n, int64_
   const scalar_t* x = p.x;
   const scalar_t* go = p.grad_out;
   map_channels(p, n, c0, c1, p.grad_x, [&](int64_t c, int64_t i) {
-    return bwd_element(acc_t(go[i]), acc_t(x[i]) - mean[c], a[c], b[c], A[c], B[c], D[c], ACT);
+    return bwd_element(widen(go[i]), widen(x[i]) - mean[c], a[c], b[c], A[c], B[c], D[c], ACT);
   });
 }
 
@@ -246,9 +246,9 @@ FS_ALWAYS_INLINE void jvp_reduce_impl(const Problem<scalar_t>& p, int64_t n, int
   const scalar_t* x = p.x;
   const scalar_t* xt = p.x_t;
   reduce_channels(p, n, c0, c1, sums.data(), sums.data() + cn, [&](int64_t c, int64_t i, acc_t& t1, acc_t& t2) {
-    const acc_t v = acc_t(xt[i]);
+    const acc_t v = widen(xt[i]);
     t1 = v;
-    t2 = (acc_t(x[i]) - mean[c]) * v;
+    t2 = (widen(x[i]) - mean[c]) * v;
   });
   for (int64_t c = c0; c < c1; ++c) {
     p.sum1[n * p.C + c] = acc_t(sums[c - c0]);
@@ -264,45 +264,49 @@ FS_ALWAYS_INLINE void jvp_map_impl(const Problem<scalar_t>& p, int64_t n, int64_
   const scalar_t* x = p.x;
   const scalar_t* xt = p.x_t;
   map_channels(p, n, c0, c1, p.out_t, [&](int64_t c, int64_t i) {
-    const acc_t v = HAS_XT ? acc_t(xt[i]) : acc_t(0);
-    return jvp_element(v, acc_t(x[i]) - mean[c], a[c], b[c], P[c], Q[c], R[c], ACT);
+    const acc_t v = HAS_XT ? widen(xt[i]) : acc_t(0);
+    return jvp_element(v, widen(x[i]) - mean[c], a[c], b[c], P[c], Q[c], R[c], ACT);
   });
 }
 
-#define FS_CIN_CLONED_ENTRIES(scalar_t)                                                                          \
-  FS_TARGET_CLONES void fwd_reduce(const Problem<scalar_t>& p, int64_t n, int64_t c0, int64_t c1) {             \
-    fwd_reduce_impl(p, n, c0, c1);                                                                               \
-  }                                                                                                              \
-  FS_TARGET_CLONES void fwd_map(const Problem<scalar_t>& p, int64_t n, int64_t c0, int64_t c1) {                \
-    if (p.act == kActElu) fwd_map_impl<kActElu>(p, n, c0, c1);                                                  \
-    else fwd_map_impl<kActNone>(p, n, c0, c1);                                                                   \
-  }                                                                                                              \
-  FS_TARGET_CLONES void bwd_reduce(const Problem<scalar_t>& p, int64_t n, int64_t c0, int64_t c1) {             \
-    if (p.act == kActElu) bwd_reduce_impl<kActElu>(p, n, c0, c1);                                               \
-    else bwd_reduce_impl<kActNone>(p, n, c0, c1);                                                                \
-  }                                                                                                              \
-  FS_TARGET_CLONES void bwd_map(const Problem<scalar_t>& p, int64_t n, int64_t c0, int64_t c1) {                \
-    if (p.act == kActElu) bwd_map_impl<kActElu>(p, n, c0, c1);                                                  \
-    else bwd_map_impl<kActNone>(p, n, c0, c1);                                                                   \
-  }                                                                                                              \
-  FS_TARGET_CLONES void jvp_reduce(const Problem<scalar_t>& p, int64_t n, int64_t c0, int64_t c1) {             \
-    jvp_reduce_impl(p, n, c0, c1);                                                                               \
-  }                                                                                                              \
-  FS_TARGET_CLONES void jvp_map(const Problem<scalar_t>& p, int64_t n, int64_t c0, int64_t c1) {                \
-    if (p.x_t != nullptr) {                                                                                      \
-      if (p.act == kActElu) jvp_map_impl<kActElu, true>(p, n, c0, c1);                                          \
-      else jvp_map_impl<kActNone, true>(p, n, c0, c1);                                                           \
-    } else {                                                                                                     \
-      if (p.act == kActElu) jvp_map_impl<kActElu, false>(p, n, c0, c1);                                         \
-      else jvp_map_impl<kActNone, false>(p, n, c0, c1);                                                          \
-    }                                                                                                            \
-  }
+template <typename scalar_t>
+FS_ALWAYS_INLINE void fwd_reduce(const Problem<scalar_t>& p, int64_t n, int64_t c0, int64_t c1) {
+  fwd_reduce_impl(p, n, c0, c1);
+}
 
-FS_CIN_CLONED_ENTRIES(double)
-FS_CIN_CLONED_ENTRIES(float)
-FS_CIN_CLONED_ENTRIES(c10::BFloat16)
-FS_CIN_CLONED_ENTRIES(c10::Half)
-#undef FS_CIN_CLONED_ENTRIES
+template <typename scalar_t>
+FS_ALWAYS_INLINE void fwd_map(const Problem<scalar_t>& p, int64_t n, int64_t c0, int64_t c1) {
+  if (p.act == kActElu) fwd_map_impl<kActElu>(p, n, c0, c1);
+  else fwd_map_impl<kActNone>(p, n, c0, c1);
+}
+
+template <typename scalar_t>
+FS_ALWAYS_INLINE void bwd_reduce(const Problem<scalar_t>& p, int64_t n, int64_t c0, int64_t c1) {
+  if (p.act == kActElu) bwd_reduce_impl<kActElu>(p, n, c0, c1);
+  else bwd_reduce_impl<kActNone>(p, n, c0, c1);
+}
+
+template <typename scalar_t>
+FS_ALWAYS_INLINE void bwd_map(const Problem<scalar_t>& p, int64_t n, int64_t c0, int64_t c1) {
+  if (p.act == kActElu) bwd_map_impl<kActElu>(p, n, c0, c1);
+  else bwd_map_impl<kActNone>(p, n, c0, c1);
+}
+
+template <typename scalar_t>
+FS_ALWAYS_INLINE void jvp_reduce(const Problem<scalar_t>& p, int64_t n, int64_t c0, int64_t c1) {
+  jvp_reduce_impl(p, n, c0, c1);
+}
+
+template <typename scalar_t>
+FS_ALWAYS_INLINE void jvp_map(const Problem<scalar_t>& p, int64_t n, int64_t c0, int64_t c1) {
+  if (p.x_t != nullptr) {
+    if (p.act == kActElu) jvp_map_impl<kActElu, true>(p, n, c0, c1);
+    else jvp_map_impl<kActNone, true>(p, n, c0, c1);
+  } else {
+    if (p.act == kActElu) jvp_map_impl<kActElu, false>(p, n, c0, c1);
+    else jvp_map_impl<kActNone, false>(p, n, c0, c1);
+  }
+}
 
 // ---- per-sample coefficient steps (O(C) work, not hot) -----------------------------------------
 
@@ -439,8 +443,9 @@ void fwd_into(const at::Tensor& x, const at::Tensor& gamma, const c10::optional<
     auto p = make_problem<scalar_t>(x, gamma, alpha, beta, eps, act, mean, rstd, work);
     p.out = out.data_ptr<scalar_t>();
     run_sample_pipeline(
-        p.N, p.C, p.HW, [&](int64_t n, int64_t c0, int64_t c1) { fwd_reduce(p, n, c0, c1); },
-        [&](int64_t n) { fwd_finish(p, n); }, [&](int64_t n, int64_t c0, int64_t c1) { fwd_map(p, n, c0, c1); });
+        p.N, p.C, p.HW, [&](int64_t n, int64_t c0, int64_t c1) FS_VECTOR_BODY { fwd_reduce(p, n, c0, c1); },
+        [&](int64_t n) { fwd_finish(p, n); },
+        [&](int64_t n, int64_t c0, int64_t c1) FS_VECTOR_BODY { fwd_map(p, n, c0, c1); });
   });
 }
 
@@ -508,8 +513,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cond_instance_norm_bw
     p.grad_beta = beta.has_value() ? grad_beta.data_ptr<acc_t>() : nullptr;
     recompute_fwd_coefficients(p);
     run_sample_pipeline(
-        p.N, p.C, p.HW, [&](int64_t n, int64_t c0, int64_t c1) { bwd_reduce(p, n, c0, c1); },
-        [&](int64_t n) { bwd_finish(p, n); }, [&](int64_t n, int64_t c0, int64_t c1) { bwd_map(p, n, c0, c1); });
+        p.N, p.C, p.HW, [&](int64_t n, int64_t c0, int64_t c1) FS_VECTOR_BODY { bwd_reduce(p, n, c0, c1); },
+        [&](int64_t n) { bwd_finish(p, n); },
+        [&](int64_t n, int64_t c0, int64_t c1) FS_VECTOR_BODY { bwd_map(p, n, c0, c1); });
   });
   return {grad_x, grad_gamma, grad_alpha, grad_beta};
 }
@@ -538,12 +544,12 @@ at::Tensor cond_instance_norm_jvp(const at::Tensor& x, const at::Tensor& gamma, 
     p.beta_t = rows_of<acc_t>(beta_t);
     p.out_t = out_t.data_ptr<scalar_t>();
     recompute_fwd_coefficients(p);
-    auto reduce = [&](int64_t n, int64_t c0, int64_t c1) {
+    auto reduce = [&](int64_t n, int64_t c0, int64_t c1) FS_VECTOR_BODY {
       if (p.x_t) jvp_reduce(p, n, c0, c1);
     };
     run_sample_pipeline(
         p.N, p.C, p.HW, reduce, [&](int64_t n) { jvp_finish(p, n); },
-        [&](int64_t n, int64_t c0, int64_t c1) { jvp_map(p, n, c0, c1); });
+        [&](int64_t n, int64_t c0, int64_t c1) FS_VECTOR_BODY { jvp_map(p, n, c0, c1); });
   });
   return out_t;
 }

@@ -138,14 +138,14 @@ FS_ALWAYS_INLINE void move_runs(const From* __restrict__ src, int64_t src_step, 
   if (src_step == L && dst_step == L) {
     const int64_t n = W * L;
 #pragma omp simd
-    for (int64_t e = 0; e < n; ++e) dst[e] = To(src[e]);
+    for (int64_t e = 0; e < n; ++e) dst[e] = convert_value<To>(src[e]);
     return;
   }
   for (int64_t w = 0; w < W; ++w) {
     const From* s = src + w * src_step;
     To* d = dst + w * dst_step;
 #pragma omp simd
-    for (int64_t l = 0; l < L; ++l) d[l] = To(s[l]);
+    for (int64_t l = 0; l < L; ++l) d[l] = convert_value<To>(s[l]);
   }
 }
 
@@ -361,15 +361,12 @@ FS_ALWAYS_INLINE void max_jvp_item(const scalar_t* x, const scalar_t* x_t, scala
     if (h >= 0) {
       window_rows(hbest, RV, h, H, ninf_row, rows);
       window_rows(hpick, RV, h, H, ninf_row, picks);  // an off-image row is never picked
-      const acc_t first = first_tap<acc_t>(h);
       const acc_t *r0 = rows[0], *r1 = rows[1], *r2 = rows[2], *r3 = rows[3], *r4 = rows[4];
       const acc_t *p0 = picks[0], *p1 = picks[1], *p2 = picks[2], *p3 = picks[3], *p4 = picks[4];
+      const acc_t* pf = picks[h < kPad ? kPad - h : 0];  // the first in-image row (first_tap)
 #pragma omp simd
-      for (int64_t e = 0; e < RV; ++e) {
-        acc_t b, t;
-        argmax5(r0[e], r1[e], r2[e], r3[e], r4[e], first, b, t);
-        out[e] = pick5(t, p0[e], p1[e], p2[e], p3[e], p4[e]);
-      }
+      for (int64_t e = 0; e < RV; ++e)
+        argmax5_pick(r0[e], r1[e], r2[e], r3[e], r4[e], p0[e], p1[e], p2[e], p3[e], p4[e], pf[e], out[e]);
       store_row(out, it, W, out_t + it.base + h * it.row);
     }
   }
@@ -387,7 +384,7 @@ FS_ALWAYS_INLINE void plane_load(const scalar_t* __restrict__ src, const PlaneDi
     const scalar_t* s = src + r * d.W;
     acc_t* b = buf + d.base + r * d.S;
 #pragma omp simd
-    for (int64_t c = 0; c < d.W; ++c) b[c] = acc_t(s[c]);
+    for (int64_t c = 0; c < d.W; ++c) b[c] = widen(s[c]);
   }
 }
 
@@ -397,7 +394,7 @@ FS_ALWAYS_INLINE void plane_store(const acc_t* __restrict__ buf, const PlaneDims
     const acc_t* b = buf + r * d.S;
     scalar_t* o = dst + r * d.W;
 #pragma omp simd
-    for (int64_t c = 0; c < d.W; ++c) o[c] = scalar_t(b[c]);
+    for (int64_t c = 0; c < d.W; ++c) o[c] = narrow<scalar_t>(b[c]);
   }
 }
 
@@ -527,7 +524,7 @@ FS_ALWAYS_INLINE void plane_max_jvp(const scalar_t* x, const scalar_t* x_t, scal
   plane_store(out, d, out_t);
 }
 
-// ---- hot loops, one cloned entry point per (direction, dtype) -----------------------------------
+// ---- hot loops, one entry point per (direction, dtype), run in the CPU capability's copy ---------
 
 // What one call reads and writes: src and dst (N, C, H, W) in the geometry's layout; in2 likewise.
 template <typename scalar_t>
@@ -541,59 +538,57 @@ struct Problem {
 };
 
 // Each entry runs items [i0, i1) with the thread's scratch s; plane mode sets up its pads first.
-#define FS_CRP_CLONED_ENTRIES(scalar_t)                                                                          \
-  FS_TARGET_CLONES void pool_items(const Problem<scalar_t>& p, int64_t i0, int64_t i1,                          \
-                                   at::opmath_type<scalar_t>* s) {                                               \
-    using acc_t = at::opmath_type<scalar_t>;                                                                     \
-    if (p.g.planes) {                                                                                            \
-      const PlaneDims d = plane_dims(p.g.H, p.g.W);                                                              \
-      const int64_t HW = p.g.H * p.g.W;                                                                          \
-      if (p.mode == kMax) {                                                                                      \
-        plane_scratch_init(s, d, 3, 2, neg_inf<acc_t>(), acc_t(0));                                              \
-        for (int64_t i = i0; i < i1; ++i) plane_pool<kMax>(p.src + i * HW, p.dst + i * HW, d, s);                \
-      } else {                                                                                                   \
-        plane_scratch_init(s, d, 3, 2, acc_t(0), acc_t(0));                                                      \
-        for (int64_t i = i0; i < i1; ++i) plane_pool<kAvg>(p.src + i * HW, p.dst + i * HW, d, s);                \
-      }                                                                                                          \
-      return;                                                                                                    \
-    }                                                                                                            \
-    for (int64_t i = i0; i < i1; ++i) {                                                                          \
-      const Item it = p.g.item(i);                                                                               \
-      if (p.mode == kMax) pool_item<kMax>(p.src, p.dst, it, p.g.H, p.g.W, s);                                    \
-      else pool_item<kAvg>(p.src, p.dst, it, p.g.H, p.g.W, s);                                                   \
-    }                                                                                                            \
-  }                                                                                                              \
-  FS_TARGET_CLONES void max_bwd_items(const Problem<scalar_t>& p, int64_t i0, int64_t i1,                       \
-                                      at::opmath_type<scalar_t>* s) {                                            \
-    using acc_t = at::opmath_type<scalar_t>;                                                                     \
-    if (p.g.planes) {                                                                                            \
-      const PlaneDims d = plane_dims(p.g.H, p.g.W);                                                              \
-      const int64_t HW = p.g.H * p.g.W;                                                                          \
-      plane_scratch_init(s, d, 7, 2, neg_inf<acc_t>(), acc_t(0));                                                \
-      for (int64_t i = i0; i < i1; ++i) plane_max_bwd(p.src + i * HW, p.in2 + i * HW, p.dst + i * HW, d, s);     \
-      return;                                                                                                    \
-    }                                                                                                            \
-    for (int64_t i = i0; i < i1; ++i) max_bwd_item(p.src, p.in2, p.dst, p.g.item(i), p.g.H, p.g.W, s);           \
-  }                                                                                                              \
-  FS_TARGET_CLONES void max_jvp_items(const Problem<scalar_t>& p, int64_t i0, int64_t i1,                       \
-                                      at::opmath_type<scalar_t>* s) {                                            \
-    using acc_t = at::opmath_type<scalar_t>;                                                                     \
-    if (p.g.planes) {                                                                                            \
-      const PlaneDims d = plane_dims(p.g.H, p.g.W);                                                              \
-      const int64_t HW = p.g.H * p.g.W;                                                                          \
-      plane_scratch_init(s, d, 7, 1, neg_inf<acc_t>(), acc_t(0));                                                \
-      fill(s + 2 * d.P, d.P, neg_inf<acc_t>()); /* HB */                                                         \
-      for (int64_t i = i0; i < i1; ++i) plane_max_jvp(p.src + i * HW, p.in2 + i * HW, p.dst + i * HW, d, s);    \
-      return;                                                                                                    \
-    }                                                                                                            \
-    for (int64_t i = i0; i < i1; ++i) max_jvp_item(p.src, p.in2, p.dst, p.g.item(i), p.g.H, p.g.W, s);           \
+template <typename scalar_t>
+FS_ALWAYS_INLINE void pool_items(const Problem<scalar_t>& p, int64_t i0, int64_t i1,
+                                 at::opmath_type<scalar_t>* s) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (p.g.planes) {
+    const PlaneDims d = plane_dims(p.g.H, p.g.W);
+    const int64_t HW = p.g.H * p.g.W;
+    if (p.mode == kMax) {
+      plane_scratch_init(s, d, 3, 2, neg_inf<acc_t>(), acc_t(0));
+      for (int64_t i = i0; i < i1; ++i) plane_pool<kMax>(p.src + i * HW, p.dst + i * HW, d, s);
+    } else {
+      plane_scratch_init(s, d, 3, 2, acc_t(0), acc_t(0));
+      for (int64_t i = i0; i < i1; ++i) plane_pool<kAvg>(p.src + i * HW, p.dst + i * HW, d, s);
+    }
+    return;
   }
+  for (int64_t i = i0; i < i1; ++i) {
+    const Item it = p.g.item(i);
+    if (p.mode == kMax) pool_item<kMax>(p.src, p.dst, it, p.g.H, p.g.W, s);
+    else pool_item<kAvg>(p.src, p.dst, it, p.g.H, p.g.W, s);
+  }
+}
 
-FS_CRP_CLONED_ENTRIES(double)
-FS_CRP_CLONED_ENTRIES(float)
-FS_CRP_CLONED_ENTRIES(c10::BFloat16)
-FS_CRP_CLONED_ENTRIES(c10::Half)
-#undef FS_CRP_CLONED_ENTRIES
+template <typename scalar_t>
+FS_ALWAYS_INLINE void max_bwd_items(const Problem<scalar_t>& p, int64_t i0, int64_t i1,
+                                    at::opmath_type<scalar_t>* s) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (p.g.planes) {
+    const PlaneDims d = plane_dims(p.g.H, p.g.W);
+    const int64_t HW = p.g.H * p.g.W;
+    plane_scratch_init(s, d, 7, 2, neg_inf<acc_t>(), acc_t(0));
+    for (int64_t i = i0; i < i1; ++i) plane_max_bwd(p.src + i * HW, p.in2 + i * HW, p.dst + i * HW, d, s);
+    return;
+  }
+  for (int64_t i = i0; i < i1; ++i) max_bwd_item(p.src, p.in2, p.dst, p.g.item(i), p.g.H, p.g.W, s);
+}
+
+template <typename scalar_t>
+FS_ALWAYS_INLINE void max_jvp_items(const Problem<scalar_t>& p, int64_t i0, int64_t i1,
+                                    at::opmath_type<scalar_t>* s) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (p.g.planes) {
+    const PlaneDims d = plane_dims(p.g.H, p.g.W);
+    const int64_t HW = p.g.H * p.g.W;
+    plane_scratch_init(s, d, 7, 1, neg_inf<acc_t>(), acc_t(0));
+    fill(s + 2 * d.P, d.P, neg_inf<acc_t>());  // HB
+    for (int64_t i = i0; i < i1; ++i) plane_max_jvp(p.src + i * HW, p.in2 + i * HW, p.dst + i * HW, d, s);
+    return;
+  }
+  for (int64_t i = i0; i < i1; ++i) max_jvp_item(p.src, p.in2, p.dst, p.g.item(i), p.g.H, p.g.W, s);
+}
 
 enum Direction : int { kPool = 0, kMaxBwd = 1, kMaxJvp = 2 };
 
@@ -607,9 +602,11 @@ void run(const Problem<scalar_t>& p, int direction) {
   const int64_t scratch = p.g.scratch();
   at::parallel_for(0, p.g.items(), grain, [&](int64_t i0, int64_t i1) {
     std::vector<acc_t> buf(scratch);
-    if (direction == kPool) pool_items(p, i0, i1, buf.data());
-    else if (direction == kMaxBwd) max_bwd_items(p, i0, i1, buf.data());
-    else max_jvp_items(p, i0, i1, buf.data());
+    dispatch_capability([&](auto) FS_VECTOR_BODY {
+      if (direction == kPool) pool_items(p, i0, i1, buf.data());
+      else if (direction == kMaxBwd) max_bwd_items(p, i0, i1, buf.data());
+      else max_jvp_items(p, i0, i1, buf.data());
+    });
   });
 }
 

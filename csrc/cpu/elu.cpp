@@ -6,7 +6,7 @@
 // x's strides (checked), so element e of each sits at the same offset. One loop per chunk of the
 // range, `#pragma omp simd` over the per-element rules of csrc/include/common_math.h
 // (act_forward / act_grad: a polynomial expm1 without libm calls, so g++ vectorises it), compiled
-// per target (FS_TARGET_CLONES); half types are converted by bit manipulation in the same loops (Io).
+// per CPU capability (dispatch_capability); half types are converted by bit manipulation in the same loops (widen / narrow).
 // torch's own ELU calls Sleef's expm1 on every element (positive ones included) and costs ~4x a copy
 // of the same bytes single-threaded; the float32 loops run at ~1.4-1.6x. float64 runs ATen's ELU
 // (see use_aten).
@@ -34,64 +34,13 @@ FS_ALWAYS_INLINE acc_t elu_value(acc_t p) {
   return p <= acc_t(0) ? act_forward(p, kActElu) : p;
 }
 
-// Loads and stores between the storage type and float, written as integer and float selects so
-// that g++ vectorises them (c10::Half / c10::BFloat16's own conversions keep these loops scalar:
-// ~35x a copy instead of ~1.5x). Bit-exact with c10's: round to nearest even, NaN kept.
-template <typename T>
-struct Io {  // float (and double, which runs on ATen: see use_aten)
-  static FS_ALWAYS_INLINE T load(T v) { return v; }
-  static FS_ALWAYS_INLINE T store(T v) { return v; }
-};
-
-FS_ALWAYS_INLINE uint32_t fbits(float f) { return uint32_t(float_to_bits(f)); }
-FS_ALWAYS_INLINE float bitsf(uint32_t u) { return bits_to_float(int32_t(u)); }
-
-template <>
-struct Io<c10::BFloat16> {
-  static FS_ALWAYS_INLINE float load(c10::BFloat16 v) { return bitsf(uint32_t(v.x) << 16); }
-  static FS_ALWAYS_INLINE c10::BFloat16 store(float f) {
-    const uint32_t u = fbits(f);
-    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    return c10::BFloat16(uint16_t(f != f ? 0x7fc0u : rounded), c10::BFloat16::from_bits());
-  }
-};
-
-// IEEE half <-> float by exponent rebiasing (F. Giesen's branch-free conversions, as selects).
-template <>
-struct Io<c10::Half> {
-  static FS_ALWAYS_INLINE float load(c10::Half v) {
-    const uint32_t h = v.x;
-    const uint32_t em = h & 0x7fffu;
-    // exponent and mantissa moved into float position, scaled by 2^(127 - 15): exact for normal and
-    // subnormal halves; inf / NaN (exponent 31) get the float's all-ones exponent
-    uint32_t bits = fbits(bitsf(em << 13) * 0x1p112f);
-    bits = em >= 0x7c00u ? (bits | 0x7f800000u) : bits;
-    return bitsf(bits | ((h & 0x8000u) << 16));
-  }
-  static FS_ALWAYS_INLINE c10::Half store(float f) {
-    const uint32_t all = fbits(f);
-    const uint32_t sign = all & 0x80000000u;
-    const uint32_t u = all ^ sign;
-    // too large for a half: inf, or NaN (quiet)
-    const uint32_t big = u > 0x7f800000u ? 0x7e00u : 0x7c00u;
-    // below the smallest normal half (2^-14): the float adder rounds the mantissa to nearest even
-    constexpr uint32_t kDenormMagic = ((127 - 15) + (23 - 10) + 1) << 23;
-    const uint32_t denorm = fbits(bitsf(u) + bitsf(kDenormMagic)) - kDenormMagic;
-    // normal: rebias the exponent and round to nearest even on the 13 dropped bits
-    const uint32_t normal = (u + (uint32_t(15 - 127) << 23) + 0xfffu + ((u >> 13) & 1u)) >> 13;
-    const uint32_t o = u >= (uint32_t(127 + 16) << 23) ? big : (u < (113u << 23) ? denorm : normal);
-    return c10::Half(uint16_t(o | (sign >> 16)), c10::Half::from_bits());
-  }
-};
-
 // Each function runs one chunk [e0, e1) of the flat range. Pointers are x's storage order: x,
 // grad_out, x_t and dst all have x's strides, so index e is the same element in each.
 // dst may be x itself (elu_fwd_out in place): every element is read, then written at its own index.
 template <typename scalar_t>
-FS_TARGET_CLONES void fwd_chunk(const scalar_t* x, scalar_t* dst, int64_t e0, int64_t e1) {
-  using io = Io<scalar_t>;
+FS_ALWAYS_INLINE void fwd_chunk(const scalar_t* x, scalar_t* dst, int64_t e0, int64_t e1) {
 #pragma omp simd
-  for (int64_t e = e0; e < e1; ++e) dst[e] = io::store(elu_value(io::load(x[e])));
+  for (int64_t e = e0; e < e1; ++e) dst[e] = narrow<scalar_t>(elu_value(widen(x[e])));
 }
 
 // d elu / d x = 1 for x > 0, exp(x) = expm1(x) + 1 otherwise (act_grad); 1 at NaN. torch's CPU
@@ -103,22 +52,23 @@ FS_ALWAYS_INLINE acc_t elu_grad(acc_t p) {
 }
 
 template <typename scalar_t>
-FS_TARGET_CLONES void scale_chunk(const scalar_t* __restrict__ x, const scalar_t* __restrict__ v,
+FS_ALWAYS_INLINE void scale_chunk(const scalar_t* __restrict__ x, const scalar_t* __restrict__ v,
                                   scalar_t* __restrict__ dst, int64_t e0, int64_t e1) {
-  using io = Io<scalar_t>;
 #pragma omp simd
-  for (int64_t e = e0; e < e1; ++e) dst[e] = io::store(io::load(v[e]) * elu_grad(io::load(x[e])));
+  for (int64_t e = e0; e < e1; ++e) dst[e] = narrow<scalar_t>(widen(v[e]) * elu_grad(widen(x[e])));
 }
 
 // Chunks of at least this many elements per thread (~64 KiB of float32: below that, waking the
 // second thread costs more than it saves).
 constexpr int64_t kGrain = 16384;
 
-// float, bfloat16, float16 run the kernels above. float64 runs ATen's own ELU: its vectorised
-// double expm1 (Sleef) beats the per-element libm call that common_math.h's float64 path makes
-// (~3x here), and float64 is for checking (gradcheck), where torch's own numerics are the point.
-#define FS_DISPATCH_ELU(x, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, (x).scalar_type(), "elu", __VA_ARGS__)
+// float, bfloat16, float16 run the kernels above (only these are instantiated). float64 runs ATen's own
+// ELU: float64 is for checking (gradcheck), where torch's own numerics are the point.
+#define FS_DISPATCH_ELU(x, ...)                                      \
+  AT_DISPATCH_SWITCH((x).scalar_type(), "elu",                       \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)       \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)    \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
 
 bool use_aten(const at::Tensor& x) { return x.scalar_type() == at::kDouble; }
 
@@ -133,7 +83,9 @@ void fwd_into(const at::Tensor& x, const at::Tensor& dst) {
   FS_DISPATCH_ELU(x, [&] {
     const scalar_t* px = x.data_ptr<scalar_t>();
     scalar_t* pd = dst.data_ptr<scalar_t>();
-    at::parallel_for(0, n, kGrain, [&](int64_t e0, int64_t e1) { fwd_chunk(px, pd, e0, e1); });
+    at::parallel_for(0, n, kGrain, [&](int64_t e0, int64_t e1) {
+      dispatch_capability([&](auto) FS_VECTOR_BODY { fwd_chunk(px, pd, e0, e1); });
+    });
   });
 }
 
@@ -149,7 +101,9 @@ at::Tensor scaled(const at::Tensor& x, const at::Tensor& v) {
     const scalar_t* px = x.data_ptr<scalar_t>();
     const scalar_t* pv = v.data_ptr<scalar_t>();
     scalar_t* pd = dst.data_ptr<scalar_t>();
-    at::parallel_for(0, n, kGrain, [&](int64_t e0, int64_t e1) { scale_chunk(px, pv, pd, e0, e1); });
+    at::parallel_for(0, n, kGrain, [&](int64_t e0, int64_t e1) {
+      dispatch_capability([&](auto) FS_VECTOR_BODY { scale_chunk(px, pv, pd, e0, e1); });
+    });
   });
   return dst;
 }

@@ -6,11 +6,11 @@
 //
 // The noise of global element e is fixed by csrc/include/langevin_step_math.h (Philox4x32-10 +
 // Box-Muller, float32). Elements are walked in their logical (row-major) order in chunks of kChunk:
-// one chunk's normals are generated into an L1 buffer -- Philox words for all its blocks (AVX-512 /
-// AVX2 intrinsics where the CPU has them: g++ does not turn the 32x32->64 multiplies into vpmuludq
-// by itself), then Box-Muller over the word pairs (auto-vectorised, target clones, around a vector
-// sqrt by hand) -- and consumed by the update loop. Each element's noise depends on e only, so results
-// do not depend on the number of threads or on how the range is split.
+// one chunk's normals are generated into an L1 buffer -- Philox words for all its blocks (AVX-512, AVX2 or
+// SSE2 intrinsics by CPU capability: g++ does not turn the 32x32->64 multiplies into pmuludq by itself),
+// then Box-Muller over the word pairs (one auto-vectorised loop) -- and consumed by the update loop. Each
+// element's noise depends on e only, so results do not depend on the number of threads, on how the range
+// is split, or on the CPU capability.
 //
 // fp-contract=off for this whole file (before any include, so every inlined function agrees): the
 // generator's float path must be the exact sequence of roundings the other backends compute.
@@ -74,18 +74,6 @@ void run_tasks(int64_t tasks, Fn&& fn) {
 // ---- Philox words of blocks [b0, b0 + nb): wa[2k] = w0, wa[2k + 1] = w2, wb[2k] = w1, wb[2k + 1] = w3 of
 // block b0 + k, so that Box-Muller pair p reads (wa[p], wb[p]) and gives the normals of elements 2p, 2p + 1
 // of the blocks' range. nb is a multiple of 8 (callers round up; the extra words are never read).
-
-void philox_portable(uint64_t b0, int64_t nb, const PhiloxKey& key, uint32_t* wa, uint32_t* wb) {
-  for (int64_t k = 0; k < nb; ++k) {
-    const uint64_t b = b0 + uint64_t(k);
-    uint32_t w0 = uint32_t(b), w1 = uint32_t(b >> 32), w2 = key.c2, w3 = key.c3;
-    philox4x32_10(w0, w1, w2, w3, key.k0, key.k1);
-    wa[2 * k] = w0;
-    wa[2 * k + 1] = w2;
-    wb[2 * k] = w1;
-    wb[2 * k + 1] = w3;
-  }
-}
 
 #if defined(FS_LGV_X86)
 // One block per 64-bit lane: vpmuludq multiplies the low 32 bits of each lane into the full 64-bit
@@ -167,62 +155,77 @@ __attribute__((target("avx2"))) void philox_avx2(uint64_t b0, int64_t nb, const 
     }
   }
 }
+
+// SSE2 (every x86-64): two blocks per vector; no blend instruction, so the words are merged with and / or.
+void philox_sse2(uint64_t b0, int64_t nb, const PhiloxKey& key, uint32_t* wa, uint32_t* wb) {
+  constexpr int U = 4;
+  const __m128i m0 = _mm_set1_epi64x(kPhiloxM0), m1 = _mm_set1_epi64x(kPhiloxM1);
+  const __m128i lane = _mm_set_epi64x(1, 0);
+  const __m128i low = _mm_set1_epi64x(0xffffffffLL);
+  for (int64_t k = 0; k < nb; k += 2 * U) {
+    const int u_end = int(std::min<int64_t>(U, (nb - k) / 2));
+    __m128i x0[U], x1[U], x2[U], x3[U];
+    for (int u = 0; u < U; ++u) {
+      const __m128i b = _mm_add_epi64(_mm_set1_epi64x(int64_t(b0 + uint64_t(k + 2 * u))), lane);
+      x0[u] = b;
+      x1[u] = _mm_srli_epi64(b, 32);
+      x2[u] = _mm_set1_epi64x(key.c2);
+      x3[u] = _mm_set1_epi64x(key.c3);
+    }
+    uint32_t k0 = key.k0, k1 = key.k1;
+#pragma GCC unroll 10
+    for (int round = 0; round < 10; ++round) {
+      const __m128i ka = _mm_set1_epi64x(k0), kb = _mm_set1_epi64x(k1);
+#pragma GCC unroll 4
+      for (int u = 0; u < U; ++u) {
+        const __m128i p0 = _mm_mul_epu32(x0[u], m0), p1 = _mm_mul_epu32(x2[u], m1);
+        x0[u] = _mm_xor_si128(_mm_xor_si128(_mm_srli_epi64(p1, 32), x1[u]), ka);
+        x2[u] = _mm_xor_si128(_mm_xor_si128(_mm_srli_epi64(p0, 32), x3[u]), kb);
+        x1[u] = p1;
+        x3[u] = p0;
+      }
+      k0 += kPhiloxW0;
+      k1 += kPhiloxW1;
+    }
+    for (int u = 0; u < u_end; ++u) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(wa + 2 * (k + 2 * u)),
+                       _mm_or_si128(_mm_and_si128(x0[u], low), _mm_slli_epi64(x2[u], 32)));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(wb + 2 * (k + 2 * u)),
+                       _mm_or_si128(_mm_and_si128(x1[u], low), _mm_slli_epi64(x3[u], 32)));
+    }
+  }
+}
 #endif
 
-using PhiloxFn = void (*)(uint64_t, int64_t, const PhiloxKey&, uint32_t*, uint32_t*);
-
-PhiloxFn pick_philox() {
+// The words of blocks [b0, b0 + nb) with the widest vectors of the capability `cap`.
+template <typename Cap>
+FS_ALWAYS_INLINE void philox_words(Cap cap, uint64_t b0, int64_t nb, const PhiloxKey& key, uint32_t* wa,
+                                   uint32_t* wb) {
 #if defined(FS_LGV_X86)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return philox_avx512;
-  if (__builtin_cpu_supports("avx2")) return philox_avx2;
+  if constexpr (decltype(cap)::value == Capability::kAvx512) philox_avx512(b0, nb, key, wa, wb);
+  else if constexpr (decltype(cap)::value == Capability::kAvx2) philox_avx2(b0, nb, key, wa, wb);
+  else philox_sse2(b0, nb, key, wa, wb);
+#else
+  for (int64_t k = 0; k < nb; ++k) {
+    const uint64_t b = b0 + uint64_t(k);
+    uint32_t w0 = uint32_t(b), w1 = uint32_t(b >> 32), w2 = key.c2, w3 = key.c3;
+    philox4x32_10(w0, w1, w2, w3, key.k0, key.k1);
+    wa[2 * k] = w0;
+    wa[2 * k + 1] = w2;
+    wb[2 * k] = w1;
+    wb[2 * k + 1] = w3;
+  }
 #endif
-  return philox_portable;
 }
 
-const PhiloxFn philox_words = pick_philox();
-
-// r2[p] <- sqrt(r2[p]) for p < n (n rounded up to 16; the buffer has room): the one step of Box-Muller that
-// g++ will not vectorise by itself (a library sqrt may set errno), so by hand where the CPU allows.
-void sqrt_portable(float* r2, int64_t n) {
-  for (int64_t p = 0; p < n; ++p) r2[p] = fsqrt(r2[p]);
-}
-
-#if defined(FS_LGV_X86)
-__attribute__((target("avx512f"))) void sqrt_avx512(float* r2, int64_t n) {
-  for (int64_t p = 0; p < n; p += 16) _mm512_store_ps(r2 + p, _mm512_sqrt_ps(_mm512_load_ps(r2 + p)));
-}
-
-__attribute__((target("avx"))) void sqrt_avx(float* r2, int64_t n) {
-  for (int64_t p = 0; p < n; p += 8) _mm256_store_ps(r2 + p, _mm256_sqrt_ps(_mm256_load_ps(r2 + p)));
-}
-#endif
-
-using SqrtFn = void (*)(float*, int64_t);
-
-SqrtFn pick_sqrt() {
-#if defined(FS_LGV_X86)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return sqrt_avx512;
-  if (__builtin_cpu_supports("avx")) return sqrt_avx;
-#endif
-  return sqrt_portable;
-}
-
-const SqrtFn sqrt_inplace = pick_sqrt();
-
-// z[2p], z[2p + 1] = Box-Muller of (wa[p], wb[p]) for p < pairs: r^2, then r, then the rotation.
-FS_TARGET_CLONES void box_muller_r2s(const uint32_t* __restrict wa, int64_t pairs, float* __restrict r2) {
-#pragma omp simd
-  for (int64_t p = 0; p < pairs; ++p) r2[p] = box_muller_r2(wa[p]);
-}
-
-FS_TARGET_CLONES void box_muller_finishes(const uint32_t* __restrict wb, const float* __restrict r, int64_t pairs,
-                                          float* __restrict z) {
+// z[2p], z[2p + 1] = Box-Muller of (wa[p], wb[p]) for p < pairs. (-fno-math-errno lets g++ use the vector
+// square root, which is correctly rounded like every backend's.)
+FS_ALWAYS_INLINE void box_muller_pairs(const uint32_t* __restrict wa, const uint32_t* __restrict wb, int64_t pairs,
+                                       float* __restrict z) {
 #pragma omp simd
   for (int64_t p = 0; p < pairs; ++p) {
     float z0, z1;
-    box_muller_finish(wb[p], r[p], z0, z1);
+    box_muller(wa[p], wb[p], z0, z1);
     z[2 * p] = z0;
     z[2 * p + 1] = z1;
   }
@@ -233,18 +236,15 @@ FS_TARGET_CLONES void box_muller_finishes(const uint32_t* __restrict wb, const f
 struct NoiseBuffer {
   alignas(64) uint32_t wa[2 * kBlocks];
   alignas(64) uint32_t wb[2 * kBlocks];
-  alignas(64) float r[2 * kBlocks];
   alignas(64) float z[4 * kBlocks];
 
-  const float* fill(uint64_t e0, int64_t len, const PhiloxKey& key) {
+  template <typename Cap>
+  FS_ALWAYS_INLINE const float* fill(Cap cap, uint64_t e0, int64_t len, const PhiloxKey& key) {
     const uint64_t b0 = e0 >> 2;
     const int64_t skip = int64_t(e0 & 3);
-    const int64_t nb = ((skip + len + 3) / 4 + 7) / 8 * 8;  // 2 nb pairs, a multiple of 16
-    const int64_t pairs = (skip + len + 1) / 2, pairs16 = (pairs + 15) / 16 * 16;  // pairs16 <= 2 nb
-    philox_words(b0, nb, key, wa, wb);
-    box_muller_r2s(wa, pairs16, r);
-    sqrt_inplace(r, pairs16);
-    box_muller_finishes(wb, r, pairs, z);
+    const int64_t nb = ((skip + len + 3) / 4 + 7) / 8 * 8;  // a multiple of 8 blocks (the widest Philox step)
+    philox_words(cap, b0, nb, key, wa, wb);
+    box_muller_pairs(wa, wb, (skip + len + 1) / 2, z);
     return z + skip;
   }
 };
@@ -273,8 +273,9 @@ struct UpdateArgs {
 };
 
 // One row segment: logical elements k = 0 .. len - 1 at memory offsets base + k * ES of sample n.
-// GENERAL adds x_mean and the mask (null pointers are loop-invariant: g++ unswitches them).
-template <bool STRIDED, bool GIVEN, bool GENERAL, typename scalar_t>
+// MEAN also writes x_mean, MASK applies the mask (template flags, not null checks in the loop: a loop with
+// conditional stores stays scalar for float16 / bfloat16).
+template <bool STRIDED, bool GIVEN, bool MEAN, bool MASK, typename scalar_t>
 FS_ALWAYS_INLINE void update_segment(const UpdateArgs<scalar_t>& p, int64_t n, int64_t base, int64_t len,
                                      const float* __restrict z) {
   using acc_t = typename UpdateArgs<scalar_t>::acc_t;
@@ -284,26 +285,18 @@ FS_ALWAYS_INLINE void update_segment(const UpdateArgs<scalar_t>& p, int64_t n, i
   scalar_t* __restrict x = p.x + base;
   const scalar_t* __restrict g = p.score + base;
   const scalar_t* __restrict nz = GIVEN ? p.noise + base : nullptr;
-  if (!GENERAL) {
-#pragma omp simd
-    for (int64_t k = 0; k < len; ++k) {
-      const acc_t zk = GIVEN ? acc_t(nz[k * es]) : acc_t(z[k]);
-      x[k * es] = scalar_t(update_noise(update_mean(acc_t(x[k * es]), acc_t(g[k * es]), a, b), zk, c));
-    }
-    return;
-  }
   const int64_t within = base - n * p.D;
-  scalar_t* __restrict xm = p.x_mean ? p.x_mean + base : nullptr;
-  const scalar_t* __restrict m = p.mask ? p.mask + n * p.mask_sn + within : nullptr;
-  const scalar_t* __restrict kn = p.mask ? p.known + n * p.known_sn + within : nullptr;
+  scalar_t* __restrict xm = MEAN ? p.x_mean + base : nullptr;
+  const scalar_t* __restrict m = MASK ? p.mask + n * p.mask_sn + within : nullptr;
+  const scalar_t* __restrict kn = MASK ? p.known + n * p.known_sn + within : nullptr;
 #pragma omp simd
   for (int64_t k = 0; k < len; ++k) {
-    const acc_t zk = GIVEN ? acc_t(nz[k * es]) : acc_t(z[k]);
-    const acc_t mean = update_mean(acc_t(x[k * es]), acc_t(g[k * es]), a, b);
-    if (xm) xm[k * es] = scalar_t(mean);
+    const acc_t zk = GIVEN ? widen(nz[k * es]) : acc_t(z[k]);
+    const acc_t mean = update_mean(widen(x[k * es]), widen(g[k * es]), a, b);
+    if constexpr (MEAN) xm[k * es] = narrow<scalar_t>(mean);
     acc_t v = update_noise(mean, zk, c);
-    if (m) v = apply_mask(v, acc_t(m[k * es]), acc_t(kn[k * es]));
-    x[k * es] = scalar_t(v);
+    if constexpr (MASK) v = apply_mask(v, widen(m[k * es]), widen(kn[k * es]));
+    x[k * es] = narrow<scalar_t>(v);
   }
 }
 
@@ -330,17 +323,17 @@ FS_ALWAYS_INLINE void update_short_rows(const UpdateArgs<scalar_t>& p, int64_t j
   const scalar_t* __restrict nz = GIVEN ? p.noise + j0 : nullptr;
 #pragma omp simd
   for (int64_t k = 0; k < j1 - j0; ++k) {
-    const acc_t zk = GIVEN ? acc_t(nz[k]) : acc_t(z[k]);
-    x[k] = scalar_t(update_noise(update_mean(acc_t(x[k]), acc_t(g[k]), ca[k], cb[k]), zk, cc[k]));
+    const acc_t zk = GIVEN ? widen(nz[k]) : acc_t(z[k]);
+    x[k] = narrow<scalar_t>(update_noise(update_mean(widen(x[k]), widen(g[k]), ca[k], cb[k]), zk, cc[k]));
   }
 }
 
 constexpr int64_t kShortRow = 64;  // below this many elements per sample, update_short_rows
 
 // Logical elements [j0, j1) of the whole batch (j = n * D + i), in row segments.
-template <bool STRIDED, bool GIVEN, bool GENERAL, typename scalar_t>
+template <bool STRIDED, bool GIVEN, bool MEAN, bool MASK, typename scalar_t>
 FS_ALWAYS_INLINE void update_range_impl(const UpdateArgs<scalar_t>& p, int64_t j0, int64_t j1, const float* z) {
-  if (!STRIDED && !GENERAL && p.L < kShortRow) {
+  if (!STRIDED && !MEAN && !MASK && p.L < kShortRow) {
     update_short_rows<GIVEN>(p, j0, j1, z);
     return;
   }
@@ -350,8 +343,8 @@ FS_ALWAYS_INLINE void update_range_impl(const UpdateArgs<scalar_t>& p, int64_t j
   int64_t n = r0 / rows_per_sample, row = r0 - n * rows_per_sample, k = j0 - r0 * p.L;
   for (int64_t j = j0; j < j1;) {
     const int64_t len = std::min(j1 - j, p.L - k);
-    update_segment<STRIDED, GIVEN, GENERAL>(p, n, n * p.D + row * p.row_stride + k * (STRIDED ? p.es : 1), len,
-                                            GIVEN ? nullptr : z + (j - j0));
+    update_segment<STRIDED, GIVEN, MEAN, MASK>(p, n, n * p.D + row * p.row_stride + k * (STRIDED ? p.es : 1), len,
+                                               GIVEN ? nullptr : z + (j - j0));
     j += len;
     k = 0;
     if (++row == rows_per_sample) {
@@ -361,27 +354,25 @@ FS_ALWAYS_INLINE void update_range_impl(const UpdateArgs<scalar_t>& p, int64_t j
   }
 }
 
-#define FS_LGV_UPDATE_ENTRY(scalar_t)                                                                         \
-  FS_TARGET_CLONES void update_range(const UpdateArgs<scalar_t>& p, int64_t j0, int64_t j1, const float* z) { \
-    const bool general = p.x_mean != nullptr || p.mask != nullptr;                                            \
-    const bool given = p.noise != nullptr;                                                                    \
-    if (p.es != 1) {                                                                                          \
-      if (given) general ? update_range_impl<true, true, true>(p, j0, j1, z)                                  \
-                         : update_range_impl<true, true, false>(p, j0, j1, z);                                \
-      else general ? update_range_impl<true, false, true>(p, j0, j1, z)                                       \
-                   : update_range_impl<true, false, false>(p, j0, j1, z);                                     \
-    } else {                                                                                                  \
-      if (given) general ? update_range_impl<false, true, true>(p, j0, j1, z)                                 \
-                         : update_range_impl<false, true, false>(p, j0, j1, z);                               \
-      else general ? update_range_impl<false, false, true>(p, j0, j1, z)                                      \
-                   : update_range_impl<false, false, false>(p, j0, j1, z);                                    \
-    }                                                                                                         \
-  }
-FS_LGV_UPDATE_ENTRY(float)
-FS_LGV_UPDATE_ENTRY(double)
-FS_LGV_UPDATE_ENTRY(at::Half)
-FS_LGV_UPDATE_ENTRY(at::BFloat16)
-#undef FS_LGV_UPDATE_ENTRY
+// f(std::bool_constant<v>{}): a run-time flag as a template argument.
+template <typename F>
+FS_ALWAYS_INLINE void with_flag(bool v, const F& f) {
+  if (v) f(std::true_type{});
+  else f(std::false_type{});
+}
+
+template <typename scalar_t>
+FS_ALWAYS_INLINE void update_range(const UpdateArgs<scalar_t>& p, int64_t j0, int64_t j1, const float* z) {
+  with_flag(p.es != 1, [&](auto strided) FS_VECTOR_BODY {
+    with_flag(p.noise != nullptr, [&](auto given) FS_VECTOR_BODY {
+      with_flag(p.x_mean != nullptr, [&](auto mean) FS_VECTOR_BODY {
+        with_flag(p.mask != nullptr, [&](auto mask) FS_VECTOR_BODY {
+          update_range_impl<strided(), given(), mean(), mask()>(p, j0, j1, z);
+        });
+      });
+    });
+  });
+}
 
 // In a sampler the score net runs between two steps, so x and the score arrive cold (L3 or DRAM). The noise
 // generation does no memory traffic of its own: asking for the next chunk's x and score while generating
@@ -399,15 +390,17 @@ template <typename scalar_t>
 void run_update(const UpdateArgs<scalar_t>& p) {
   const int64_t total = p.N * p.D;
   run_tasks<NoiseBuffer>((total + kTask - 1) / kTask, [&](int64_t task, NoiseBuffer& buf) {
-    const int64_t begin = task * kTask, end = std::min(total, begin + kTask);
-    const bool prefetch = !p.noise && p.es == 1;  // contiguous: memory order = logical order
-    if (prefetch) prefetch_chunk(p, begin, std::min(end, begin + kChunk));
-    for (int64_t j0 = begin; j0 < end; j0 += kChunk) {
-      const int64_t j1 = std::min(end, j0 + kChunk);
-      if (prefetch && j1 < end) prefetch_chunk(p, j1, std::min(end, j1 + kChunk));  // the next chunk's
-      const float* z = p.noise ? nullptr : buf.fill(p.e_base + uint64_t(j0), j1 - j0, p.key);
-      update_range(p, j0, j1, z);
-    }
+    dispatch_capability([&](auto cap) FS_VECTOR_BODY {
+      const int64_t begin = task * kTask, end = std::min(total, begin + kTask);
+      const bool prefetch = !p.noise && p.es == 1;  // contiguous: memory order = logical order
+      if (prefetch) prefetch_chunk(p, begin, std::min(end, begin + kChunk));
+      for (int64_t j0 = begin; j0 < end; j0 += kChunk) {
+        const int64_t j1 = std::min(end, j0 + kChunk);
+        if (prefetch && j1 < end) prefetch_chunk(p, j1, std::min(end, j1 + kChunk));  // the next chunk's
+        const float* z = p.noise ? nullptr : buf.fill(cap, p.e_base + uint64_t(j0), j1 - j0, p.key);
+        update_range(p, j0, j1, z);
+      }
+    });
   });
 }
 
@@ -421,15 +414,15 @@ template <typename acc_t, typename T>
 FS_ALWAYS_INLINE double sum_squares_impl(const T* __restrict v, int64_t len) {
   acc_t s = 0;
 #pragma omp simd reduction(+ : s)
-  for (int64_t k = 0; k < len; ++k) s += acc_t(v[k]) * acc_t(v[k]);
+  for (int64_t k = 0; k < len; ++k) s += acc_t(widen(v[k])) * acc_t(widen(v[k]));
   return double(s);
 }
 
-FS_TARGET_CLONES double sum_squares(const float* v, int64_t len) { return sum_squares_impl<float>(v, len); }
-FS_TARGET_CLONES double sum_squares(const double* v, int64_t len) { return sum_squares_impl<double>(v, len); }
-FS_TARGET_CLONES double sum_squares(const at::Half* v, int64_t len) { return sum_squares_impl<float>(v, len); }
-FS_TARGET_CLONES double sum_squares(const at::BFloat16* v, int64_t len) { return sum_squares_impl<float>(v, len); }
-FS_TARGET_CLONES double sum_squares_f64(const float* v, int64_t len) { return sum_squares_impl<double>(v, len); }
+FS_ALWAYS_INLINE double sum_squares(const float* v, int64_t len) { return sum_squares_impl<float>(v, len); }
+FS_ALWAYS_INLINE double sum_squares(const double* v, int64_t len) { return sum_squares_impl<double>(v, len); }
+FS_ALWAYS_INLINE double sum_squares(const at::Half* v, int64_t len) { return sum_squares_impl<float>(v, len); }
+FS_ALWAYS_INLINE double sum_squares(const at::BFloat16* v, int64_t len) { return sum_squares_impl<float>(v, len); }
+FS_ALWAYS_INLINE double sum_squares_f64(const float* v, int64_t len) { return sum_squares_impl<double>(v, len); }
 
 // ---- op entry points -----------------------------------------------------------------------------------
 
@@ -482,34 +475,32 @@ void langevin_step_norms(const at::Tensor& score, const c10::optional<at::Tensor
     const scalar_t* g = score.data_ptr<scalar_t>();
     const scalar_t* nz = noise.has_value() ? noise->data_ptr<scalar_t>() : nullptr;
     run_tasks<NoiseBuffer>(l.N * pieces, [&](int64_t t, NoiseBuffer& buf) {
-      const int64_t n = t / pieces, i1 = std::min(l.D, (t - n * pieces + 1) * piece);
-      double sg = 0, sz = 0;
-      for (int64_t i0 = std::min(l.D, (t - n * pieces) * piece); i0 < i1; i0 += kChunk) {
-        const int64_t len = std::min(kChunk, i1 - i0);
-        const int64_t off = n * l.D + i0;
-        sg += sum_squares(g + off, len);
-        if (nz != nullptr) {
-          sz += sum_squares(nz + off, len);
-        } else {
-          const float* z = buf.fill(e_base + uint64_t(off), len, key);
-          sz += std::is_same<scalar_t, double>::value ? sum_squares_f64(z, len) : sum_squares(z, len);
+      dispatch_capability([&](auto cap) FS_VECTOR_BODY {
+        const int64_t n = t / pieces, i1 = std::min(l.D, (t - n * pieces + 1) * piece);
+        double sg = 0, sz = 0;
+        for (int64_t i0 = std::min(l.D, (t - n * pieces) * piece); i0 < i1; i0 += kChunk) {
+          const int64_t len = std::min(kChunk, i1 - i0);
+          const int64_t off = n * l.D + i0;
+          sg += sum_squares(g + off, len);
+          if (nz != nullptr) {
+            sz += sum_squares(nz + off, len);
+          } else {
+            const float* z = buf.fill(cap, e_base + uint64_t(off), len, key);
+            sz += std::is_same<scalar_t, double>::value ? sum_squares_f64(z, len) : sum_squares(z, len);
+          }
         }
-      }
-      o[2 * t] = sg;
-      o[2 * t + 1] = sz;
+        o[2 * t] = sg;
+        o[2 * t + 1] = sz;
+      });
     });
   });
 }
 
 template <typename scalar_t>
-FS_ALWAYS_INLINE void store_impl(const float* __restrict z, int64_t len, scalar_t* __restrict out) {
+FS_ALWAYS_INLINE void store_normals(const float* __restrict z, int64_t len, scalar_t* __restrict out) {
 #pragma omp simd
-  for (int64_t k = 0; k < len; ++k) out[k] = scalar_t(z[k]);
+  for (int64_t k = 0; k < len; ++k) out[k] = narrow<scalar_t>(at::opmath_type<scalar_t>(z[k]));
 }
-FS_TARGET_CLONES void store_normals(const float* z, int64_t len, float* out) { store_impl(z, len, out); }
-FS_TARGET_CLONES void store_normals(const float* z, int64_t len, double* out) { store_impl(z, len, out); }
-FS_TARGET_CLONES void store_normals(const float* z, int64_t len, at::Half* out) { store_impl(z, len, out); }
-FS_TARGET_CLONES void store_normals(const float* z, int64_t len, at::BFloat16* out) { store_impl(z, len, out); }
 
 // out (N, ...) contiguous: out[n, i] = the normal of global element (sample_offset + n) * D + i.
 void langevin_step_randn(at::Tensor out, int64_t seed, int64_t counter, int64_t sample_offset) {
@@ -521,11 +512,13 @@ void langevin_step_randn(at::Tensor out, int64_t seed, int64_t counter, int64_t 
     scalar_t* o = out.data_ptr<scalar_t>();
     const int64_t total = out.numel();
     run_tasks<NoiseBuffer>((total + kTask - 1) / kTask, [&](int64_t task, NoiseBuffer& buf) {
-      const int64_t end = std::min(total, (task + 1) * kTask);
-      for (int64_t j0 = task * kTask; j0 < end; j0 += kChunk) {
-        const int64_t len = std::min(kChunk, end - j0);
-        store_normals(buf.fill(e_base + uint64_t(j0), len, key), len, o + j0);
-      }
+      dispatch_capability([&](auto cap) FS_VECTOR_BODY {
+        const int64_t end = std::min(total, (task + 1) * kTask);
+        for (int64_t j0 = task * kTask; j0 < end; j0 += kChunk) {
+          const int64_t len = std::min(kChunk, end - j0);
+          store_normals(buf.fill(cap, e_base + uint64_t(j0), len, key), len, o + j0);
+        }
+      });
     });
   });
 }

@@ -85,6 +85,20 @@ FS_HD void argmax5(T v0, T v1, T v2, T v3, T v4, T first, T& best, T& tap) {
   max_step(v4, T(4), best, tap);
 }
 
+// argmax5 that carries, instead of the tap, the value q_tap of a second set of taps (forward mode: the
+// tangent at the chosen position); q_first when no tap is taken. The same as pick5(tap, q0, ..., q4) after
+// argmax5, without comparing taps afterwards (which g++ jump-threads into branches it cannot vectorise).
+template <typename T>
+FS_HD void argmax5_pick(T v0, T v1, T v2, T v3, T v4, T q0, T q1, T q2, T q3, T q4, T q_first, T& picked) {
+  T best = neg_inf<T>();
+  picked = q_first;
+  max_step(v0, q0, best, picked);
+  max_step(v1, q1, best, picked);
+  max_step(v2, q2, best, picked);
+  max_step(v3, q3, best, picked);
+  max_step(v4, q4, best, picked);
+}
+
 // The first in-image tap of a window centred on index i (i >= 0).
 template <typename T>
 FS_HD T first_tap(int64_t i) {
