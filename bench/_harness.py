@@ -38,6 +38,9 @@ class Case:
     # call) disagree; called once before timing.
     check: Callable[[dict[str, object]], None] | None = None
     note: str = ""
+    # elements one call processes (x.numel() for an elementwise or per-element op): the table then shows
+    # nanoseconds per element, comparable across shapes, machines and CPU capability levels
+    elements: int | None = None
 
 
 def shape_label(shape) -> str:
@@ -77,6 +80,7 @@ class Row:
     p20_ms: float
     p80_ms: float
     ratios: dict[str, float]
+    ns_per_element: float | None = None
 
 
 def _sync(device: str) -> None:
@@ -108,12 +112,35 @@ def _quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
+def with_capabilities(providers: dict[str, Callable[[], object]], device: str) -> dict[str, Callable[[], object]]:
+    """On the CPU, "fastscore" once more per narrower CPU capability level this CPU runs ("fastscore@avx2",
+    "fastscore@default"): the C++ kernels' other copies, as a CPU without the wider vectors runs them."""
+    from fastscore._backend import cpu_capability
+    from fastscore._backend import supported_cpu_capabilities
+    from fastscore._backend import use_cpu_capability
+
+    if device != "cpu" or "fastscore" not in providers:
+        return providers
+    out = dict(providers)
+    for level in supported_cpu_capabilities():
+        if level == cpu_capability():
+            continue
+
+        def at_level(fn=providers["fastscore"], level=level):
+            with use_cpu_capability(level):
+                return fn()
+
+        out[f"fastscore@{level}"] = at_level
+    return out
+
+
 def measure(case: Case, *, rounds: int, device: str = "cpu") -> list[Row]:
     """Check agreement, then time. Ratios: baseline time / provider time (> 1 means faster than it),
     except against "copy", where it is provider time / copy time (how far above the floor)."""
+    providers = with_capabilities(case.providers, device)
     if case.check is not None:
-        case.check({name: fn() for name, fn in case.providers.items()})
-    times = time_interleaved(case.providers, rounds=rounds, device=device)
+        case.check({name: fn() for name, fn in providers.items()})
+    times = time_interleaved(providers, rounds=rounds, device=device)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     rows = []
     for name, ts in times.items():
@@ -121,14 +148,16 @@ def measure(case: Case, *, rounds: int, device: str = "cpu") -> list[Row]:
         for base in BASELINES:
             if base in med and base != name:
                 ratios[base] = med[name] / med[base] if base == "copy" else med[base] / med[name]
-        rows.append(Row(case.name, name, med[name] * 1e3, _quantile(ts, 0.2) * 1e3, _quantile(ts, 0.8) * 1e3, ratios))
+        ns = med[name] * 1e9 / case.elements if case.elements else None
+        row = Row(case.name, name, med[name] * 1e3, _quantile(ts, 0.2) * 1e3, _quantile(ts, 0.8) * 1e3, ratios, ns)
+        rows.append(row)
     return rows
 
 
 def format_table(title: str, rows: list[Row]) -> str:
     header = (
-        f"{'case':<34} {'provider':<16} {'median ms':>10} {'p20-p80 ms':>17} "
-        f"{'eager/x':>8} {'compile/x':>9} {'x/copy':>7}"
+        f"{'case':<34} {'provider':<18} {'median ms':>10} {'p20-p80 ms':>17} "
+        f"{'eager/x':>8} {'compile/x':>9} {'x/copy':>7} {'ns/elem':>8}"
     )
     lines = [title, header, "-" * len(header)]
     last_case = None
@@ -139,11 +168,15 @@ def format_table(title: str, rows: list[Row]) -> str:
         def ratio(key, ratios=r.ratios):
             return f"{ratios[key]:.2f}" if key in ratios else "-"
 
+        ns = f"{r.ns_per_element:.3f}" if r.ns_per_element is not None else "-"
         lines.append(
-            f"{case:<34} {r.provider:<16} {r.median_ms:>10.3f} {f'{r.p20_ms:.3f}-{r.p80_ms:.3f}':>17} "
-            f"{ratio('eager'):>8} {ratio('compile'):>9} {ratio('copy'):>7}"
+            f"{case:<34} {r.provider:<18} {r.median_ms:>10.3f} {f'{r.p20_ms:.3f}-{r.p80_ms:.3f}':>17} "
+            f"{ratio('eager'):>8} {ratio('compile'):>9} {ratio('copy'):>7} {ns:>8}"
         )
-    lines.append("eager/x, compile/x: how many times faster than that baseline; x/copy: times the copy floor.")
+    lines.append(
+        "eager/x, compile/x: how many times faster than that baseline; x/copy: times the copy floor; "
+        "fastscore@<level>: the C++ kernels' copy for a narrower CPU capability."
+    )
     return "\n".join(lines)
 
 
@@ -184,7 +217,9 @@ def device_name(device: str) -> str:
                     break
     except OSError:
         pass
-    return f"{cpu}, {torch.get_num_threads()} threads"
+    from fastscore._backend import cpu_capability
+
+    return f"{cpu}, {torch.get_num_threads()} threads, fastscore CPU capability {cpu_capability()}"
 
 
 FIELDS = [
@@ -203,6 +238,7 @@ FIELDS = [
     "eager_over",
     "compile_over",
     "over_copy",
+    "ns_per_element",
 ]
 
 
@@ -211,6 +247,15 @@ def append_results(op: str, rows: list[Row], *, device: str, quick: bool, path: 
 
     path = path or results_path()
     new = not os.path.exists(path)
+    if not new:  # a history written before a column was added: rewrite it once with the new header
+        with open(path, newline="") as f:
+            old = list(csv.DictReader(f))
+            header = list(old[0].keys()) if old else []
+        if header and header != FIELDS:
+            with open(path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=FIELDS, restval="", extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(old)
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     sha = _git_sha()
     with open(path, "a", newline="") as f:
@@ -235,6 +280,7 @@ def append_results(op: str, rows: list[Row], *, device: str, quick: bool, path: 
                     "eager_over": f"{r.ratios.get('eager', '')}",
                     "compile_over": f"{r.ratios.get('compile', '')}",
                     "over_copy": f"{r.ratios.get('copy', '')}",
+                    "ns_per_element": f"{r.ns_per_element:.4f}" if r.ns_per_element is not None else "",
                 }
             )
     return path

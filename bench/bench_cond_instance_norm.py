@@ -12,6 +12,8 @@ the floor). Forward runs under no_grad; forward+backward returns the gradients o
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -122,6 +124,7 @@ def cases(quick=False, device="cpu", with_compile=True):
                 f"fwd {_harness.shape_label(shape)}",
                 forward_providers(shape, device, with_compile),
                 _harness.agree_with("eager", what="forward"),
+                elements=math.prod(shape),
             )
         )
         out.append(
@@ -129,6 +132,7 @@ def cases(quick=False, device="cpu", with_compile=True):
                 f"fwd+bwd {_harness.shape_label(shape)}",
                 forward_backward_providers(shape, device, with_compile),
                 _harness.agree_with("eager", what="gradients", rtol=1e-3, atol=1e-3),
+                elements=math.prod(shape),
             )
         )
     return out

@@ -13,6 +13,8 @@ forward+backward (returns the gradient of x), both modes, NCHW and channels_last
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -132,6 +134,7 @@ def cases(quick=False, device="cpu", with_compile=True):
                         f"{mode} fwd {_harness.shape_label(shape)} {_harness.layout_label(layout)}",
                         forward_providers(shape, layout, mode, device, with_compile),
                         _harness.agree_with("eager", what=f"{mode} forward", rtol=1e-5, atol=1e-5),
+                        elements=math.prod(shape),
                     )
                 )
                 out.append(
@@ -139,6 +142,7 @@ def cases(quick=False, device="cpu", with_compile=True):
                         f"{mode} fwd+bwd {_harness.shape_label(shape)} {_harness.layout_label(layout)}",
                         forward_backward_providers(shape, layout, mode, device, with_compile),
                         _harness.agree_with("eager", what=f"{mode} gradients", rtol=1e-4, atol=1e-5),
+                        elements=math.prod(shape),
                     )
                 )
     return out

@@ -14,6 +14,8 @@ does not change); the agreement check runs on the first call, when every buffer 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -131,6 +133,7 @@ def cases(quick=False, device="cpu", with_compile=True):
                         f"{kind} {_harness.shape_label(shape)} {_harness.layout_label(layout)}",
                         _PROVIDERS[kind](shape, layout, device, with_compile),
                         _harness.agree_with("eager", what=f"elu {kind}", rtol=1e-5, atol=1e-6),
+                        elements=math.prod(shape),
                     )
                 )
     return out

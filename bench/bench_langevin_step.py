@@ -14,6 +14,7 @@ torch.randn. On CPU the random numbers are the Langevin step's hot path (design/
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 
@@ -109,7 +110,10 @@ def check_step(shape, device="cpu"):
 def cases(quick=False, device="cpu", with_compile=True):
     return [
         _harness.Case(
-            f"step {_harness.shape_label(shape)}", providers(shape, device, with_compile), check_step(shape, device)
+            f"step {_harness.shape_label(shape)}",
+            providers(shape, device, with_compile),
+            check_step(shape, device),
+            elements=math.prod(shape),
         )
         for shape in (QUICK_SHAPES if quick else SHAPES)
     ]

@@ -141,8 +141,7 @@ FS_HD double fadd(double a, double b) {
 }
 
 // Correctly rounded square root: every backend has one (x86 vsqrtps, __fsqrt_rn, Triton's sqrt_rn,
-// torch.sqrt). The CPU kernel vectorises its Box-Muller loop around it (g++ vectorises a library sqrt only
-// under -fno-math-errno, which this project's build does not set).
+// torch.sqrt). g++ vectorises it (the vector square root) because the build sets -fno-math-errno.
 FS_HD float fsqrt(float a) {
 #if defined(__CUDA_ARCH__)
   return __fsqrt_rn(a);
@@ -199,8 +198,7 @@ FS_HD void sincos_turns(int32_t v, float& s, float& c) {
   s = (q & 2) != 0 ? -ss : ss;
 }
 
-// Box-Muller on two Philox words: (z0, z1) = r (cos, sin)(2 pi u2), r = sqrt(-2 ln u1), in three steps
-// that the CPU kernel runs as three loops (the middle one a vector sqrt).
+// Box-Muller on two Philox words: (z0, z1) = r (cos, sin)(2 pi u2), r = sqrt(-2 ln u1).
 FS_HD float box_muller_r2(uint32_t wa) {  // r^2 = -2 ln u1, u1 in (0, 1]
   const float u1 = fadd(fmul(float(int32_t(wa >> 1)), 0x1p-31f), 0x1p-32f);
   return fmul(log_unit(u1), -2.0f);
