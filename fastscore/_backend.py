@@ -76,6 +76,7 @@ def _choose_cpu_capability() -> None:
         # ATen's level ("avx512", "avx2", "default" on x86-64) where this CPU can run it: it is ATen's own
         # view of the CPU, lowered by ATEN_CPU_CAPABILITY; otherwise (wider, or another architecture's) ours
         aten = torch.backends.cpu.get_cpu_capability().lower()
+        aten = {"no avx": "default"}.get(aten, aten)  # torch before 2.9 names its x86-64 baseline "NO AVX"
         choice = aten if aten in supported else supported[0]
     torch.ops.fastscore_C.set_cpu_capability(choice)
 
