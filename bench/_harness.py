@@ -134,12 +134,22 @@ def with_capabilities(providers: dict[str, Callable[[], object]], device: str) -
     return out
 
 
+def _snapshot(result):
+    if isinstance(result, torch.Tensor):
+        return result.detach().clone()
+    if isinstance(result, (tuple, list)):
+        return type(result)(_snapshot(r) for r in result)
+    return result
+
+
 def measure(case: Case, *, rounds: int, device: str = "cpu") -> list[Row]:
     """Check agreement, then time. Ratios: baseline time / provider time (> 1 means faster than it),
     except against "copy", where it is provider time / copy time (how far above the floor)."""
     providers = with_capabilities(case.providers, device)
     if case.check is not None:
-        case.check({name: fn() for name, fn in providers.items()})
+        # each result copied as it comes: an in-place provider's result is its own buffer, which a later
+        # provider sharing it (the same kernel at another capability level) would overwrite
+        case.check({name: _snapshot(fn()) for name, fn in providers.items()})
     times = time_interleaved(providers, rounds=rounds, device=device)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     rows = []

@@ -27,11 +27,10 @@ namespace fastscore {
 namespace cpu {
 namespace {
 
-// elu(p) = p for p > 0, expm1(p) otherwise. act_forward computes max(p, 0) + expm1(min(p, 0)),
-// which maps NaN to 0 (both selects drop it); the outer select keeps NaN, as torch's ELU does.
+// elu(p) = p for p > 0, expm1(p) otherwise; NaN kept, as torch's ELU (common_math.h).
 template <typename acc_t>
 FS_ALWAYS_INLINE acc_t elu_value(acc_t p) {
-  return p <= acc_t(0) ? act_forward(p, kActElu) : p;
+  return act_forward(p, kActElu);
 }
 
 // Each function runs one chunk [e0, e1) of the flat range. Pointers are x's storage order: x,

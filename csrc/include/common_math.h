@@ -38,21 +38,11 @@ FS_HD int32_t float_to_bits(float f) {
 #endif
 }
 
-template <typename T>
-FS_HD T min0(T v) {
-  return v < T(0) ? v : T(0);
-}
-
-template <typename T>
-FS_HD T max0(T v) {
-  return v > T(0) ? v : T(0);
-}
-
 // expm1(x) for x <= 0, float, within 1 ulp (checked against float64 expm1 over [-25, 0]).
 // x = k ln2 + r with |r| <= ln2/2; expm1(x) = 2^k expm1(r) + (2^k - 1). For k = 0 this is the
 // polynomial itself, so tiny |x| keep full relative accuracy (why not exp(x) - 1).
 FS_HD float expm1_nonpos(float x) {
-  x = x > -17.5f ? x : -17.5f;  // below this expm1 rounds to -1 in float
+  x = x < -17.5f ? -17.5f : x;  // below this expm1 rounds to -1 in float (written so that it is one maxps)
   const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer kept in the low bits
   const float t = x * 1.44269504f + shifter;
   const float kf = t - shifter;
@@ -104,20 +94,21 @@ FS_HD double expm1_nonpos(double x) {
 #endif
 }
 
-// Activations that the norm ops fuse. ELU with alpha = 1, as ncsnv2's nn.ELU():
-// elu(p) = max(p, 0) + expm1(min(p, 0)), which is exactly p for p > 0 and expm1(p) otherwise.
+// Activations that the norm ops fuse. ELU with alpha = 1, as ncsnv2's nn.ELU(): elu(p) = p for p > 0,
+// expm1(p) otherwise; NaN stays NaN (it fails p <= 0). Both sides are computed and one is selected, so that
+// g++ vectorises it (expm1_nonpos of a positive p is garbage that the select drops).
 enum Act : int { kActNone = 0, kActElu = 1 };
 
 template <typename T>
 FS_HD T act_forward(T pre, int act) {
-  return act == kActElu ? max0(pre) + expm1_nonpos(min0(pre)) : pre;
+  return act == kActElu ? (pre <= T(0) ? expm1_nonpos(pre) : pre) : pre;
 }
 
 // d act / d pre, written from pre: 1 for p > 0, exp(p) = expm1(p) + 1 for p <= 0 (as torch's
-// elu_backward, which uses exp(p) at p = 0 too).
+// elu_backward, which uses exp(p) at p = 0 too); 1 at NaN (torch's scalar rule).
 template <typename T>
 FS_HD T act_grad(T pre, int act) {
-  return act == kActElu ? (pre > T(0) ? T(1) : expm1_nonpos(min0(pre)) + T(1)) : T(1);
+  return act == kActElu ? (pre <= T(0) ? expm1_nonpos(pre) + T(1) : T(1)) : T(1);
 }
 
 }  // namespace fastscore
