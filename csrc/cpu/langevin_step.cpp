@@ -119,7 +119,7 @@ __attribute__((target("avx512f"))) void philox_avx512(uint64_t b0, int64_t nb, c
 
 __attribute__((target("avx2"))) void philox_avx2(uint64_t b0, int64_t nb, const PhiloxKey& key, uint32_t* wa,
                                                  uint32_t* wb) {
-  constexpr int U = 3;  // 12 state vectors + 4 constants: AVX2 has 16 registers, U = 4 spills
+  constexpr int U = 4;
   const __m256i m0 = _mm256_set1_epi64x(kPhiloxM0), m1 = _mm256_set1_epi64x(kPhiloxM1);
   const __m256i lane = _mm256_setr_epi64x(0, 1, 2, 3);
   for (int64_t k = 0; k < nb; k += 4 * U) {
