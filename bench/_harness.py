@@ -112,25 +112,34 @@ def _quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def with_capabilities(providers: dict[str, Callable[[], object]], device: str) -> dict[str, Callable[[], object]]:
-    """On the CPU, "fastscore" once more per narrower CPU capability level this CPU runs ("fastscore@avx2",
-    "fastscore@default"): the C++ kernels' other copies, as a CPU without the wider vectors runs them."""
-    from fastscore._backend import cpu_capability
-    from fastscore._backend import supported_cpu_capabilities
+def at_capability(level: str, fn: Callable[[], object]) -> Callable[[], object]:
+    """fn, run with the C++ kernels' copy for CPU capability `level`."""
     from fastscore._backend import use_cpu_capability
 
-    if device != "cpu" or "fastscore" not in providers:
+    def call():
+        with use_cpu_capability(level):
+            return fn()
+
+    return call
+
+
+def narrower_capabilities(device: str) -> list[str]:
+    """The CPU capability levels below the one fastscore runs that this CPU runs too (none off the CPU)."""
+    from fastscore._backend import cpu_capability
+    from fastscore._backend import supported_cpu_capabilities
+
+    return [c for c in supported_cpu_capabilities() if c != cpu_capability()] if device == "cpu" else []
+
+
+def with_capabilities(providers: dict[str, Callable[[], object]], device: str) -> dict[str, Callable[[], object]]:
+    """On the CPU, "fastscore" once more per narrower CPU capability level this CPU runs ("fastscore@avx2",
+    "fastscore@default"): the C++ kernels' other copies, as a CPU without the wider vectors runs them. A bench
+    whose provider owns state (an in-place buffer) brings its own "fastscore@<level>" providers instead."""
+    if "fastscore" not in providers:
         return providers
     out = dict(providers)
-    for level in supported_cpu_capabilities():
-        if level == cpu_capability():
-            continue
-
-        def at_level(fn=providers["fastscore"], level=level):
-            with use_cpu_capability(level):
-                return fn()
-
-        out[f"fastscore@{level}"] = at_level
+    for level in narrower_capabilities(device):
+        out.setdefault(f"fastscore@{level}", at_capability(level, providers["fastscore"]))
     return out
 
 

@@ -114,6 +114,8 @@ def in_place_providers(shape, layout, device="cpu", with_compile=True):
     if with_compile:
         providers["compile"] = owning(_compiled(eager_elu_))
     providers["fastscore"] = owning(lambda t: elu(t, out=t))
+    for level in _harness.narrower_capabilities(device):  # each level rewrites a buffer of its own
+        providers[f"fastscore@{level}"] = _harness.at_capability(level, owning(lambda t: elu(t, out=t)))
     for name in _gpu_backends(device):
         providers[name] = owning(_on(name, lambda t: elu(t, out=t)))
     providers["copy"] = lambda: dst.copy_(x)

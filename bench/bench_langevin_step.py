@@ -107,16 +107,47 @@ def check_step(shape, device="cpu"):
     return check
 
 
+REPEAT = 10  # steps per call in the back-to-back case
+
+
+def back_to_back(shape, device="cpu", with_compile=True):
+    """REPEAT steps per call, as a sampler's loop runs them: the intra-op threads are still awake from the
+    previous step (in the interleaved case every provider's first call finds them asleep, and waking a thread
+    costs more than half a 64x3x32x32 step on a VM)."""
+    single = providers(shape, device, with_compile)
+
+    def repeated(fn):
+        def call():
+            for _ in range(REPEAT):
+                out = fn()
+            return out
+
+        return call
+
+    return {name: repeated(fn) for name, fn in single.items()}
+
+
 def cases(quick=False, device="cpu", with_compile=True):
-    return [
-        _harness.Case(
-            f"step {_harness.shape_label(shape)}",
-            providers(shape, device, with_compile),
-            check_step(shape, device),
-            elements=math.prod(shape),
+    out = []
+    for shape in QUICK_SHAPES if quick else SHAPES:
+        out.append(
+            _harness.Case(
+                f"step {_harness.shape_label(shape)}",
+                providers(shape, device, with_compile),
+                check_step(shape, device),
+                elements=math.prod(shape),
+            )
         )
-        for shape in (QUICK_SHAPES if quick else SHAPES)
-    ]
+    shape = SHAPES[0]
+    out.append(
+        _harness.Case(
+            f"{REPEAT} steps back to back {_harness.shape_label(shape)}",
+            back_to_back(shape, device, with_compile),
+            check_step(shape, device),
+            elements=REPEAT * math.prod(shape),
+        )
+    )
+    return out
 
 
 def ns_per_normal(device="cpu", numel=1 << 22, rounds=15) -> dict[str, float]:
