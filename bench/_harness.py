@@ -41,6 +41,9 @@ class Case:
     # elements one call processes (x.numel() for an elementwise or per-element op): the table then shows
     # nanoseconds per element, comparable across shapes, machines and CPU capability levels
     elements: int | None = None
+    # time "fastscore" once more per narrower CPU capability level (with_capabilities); off for a case whose
+    # check inspects state that every provider call changes (a model's weights after a training step)
+    capability_rows: bool = True
 
 
 def shape_label(shape) -> str:
@@ -154,7 +157,7 @@ def _snapshot(result):
 def measure(case: Case, *, rounds: int, device: str = "cpu") -> list[Row]:
     """Check agreement, then time. Ratios: baseline time / provider time (> 1 means faster than it),
     except against "copy", where it is provider time / copy time (how far above the floor)."""
-    providers = with_capabilities(case.providers, device)
+    providers = with_capabilities(case.providers, device) if case.capability_rows else case.providers
     if case.check is not None:
         # each result copied as it comes: an in-place provider's result is its own buffer, which a later
         # provider sharing it (the same kernel at another capability level) would overwrite

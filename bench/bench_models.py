@@ -235,7 +235,9 @@ def cases(quick=False, device="cpu", with_compile=True):
             )
         )
         providers, models = train_providers(case, device, with_compile)
-        out.append(_harness.Case(f"train {_label(case)}", providers, _train_check(models, providers)))
+        out.append(
+            _harness.Case(f"train {_label(case)}", providers, _train_check(models, providers), capability_rows=False)
+        )
     return out
 
 
