@@ -18,14 +18,20 @@ state on the tensors' device and gives every sample its own time, step size and 
 - finished samples leave the batch: ``fn`` only sees the active samples (the state is compacted when a
   sample finishes, so a finished sample costs nothing afterwards);
 - the controller's decisions are tensor operations; the only host synchronisation is one small read per
-  step attempt of the batch (how many samples finished, whether a step became too small), not one per
-  evaluation.
+  step attempt of the batch (how many samples finished, whether a step became too small, whether ``fn``
+  returned a NaN or Inf), not one per evaluation, plus a read of y0 and one after each of the two initial
+  evaluations.
 
 ``per_sample=False`` reproduces score_sde's joint control instead: one error norm over the whole batch, one
 step size (then the results equal ``scipy.integrate.solve_ivp`` on the flattened batch).
 
+Non-finite values stop the solver with a :class:`NonFiniteError` at the end of the step attempt in which they
+appear (before the first step when the initial evaluations hold them): a NaN or Inf returned by ``fn`` would
+otherwise make the error norm, the step size and then ``t`` NaN, and a NaN step size never falls below the
+minimum step, so the loop would never end. ``y0`` must be finite (a ValueError otherwise).
+
 :func:`ode_sampler` integrates the probability-flow ODE of an SDE (fastscore.sde) from ``T`` to ``eps`` with it
-(reference/ncsn_reference.md §5.3).
+(score_sde's ``get_ode_sampler``).
 """
 
 from __future__ import annotations
@@ -38,7 +44,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["solve_ivp", "ODEResult", "ode_sampler", "ODESamplerInfo", "METHODS"]
+from fastscore._score import check_score
+from fastscore._score import checked_score_fn
+
+__all__ = ["solve_ivp", "ODEResult", "NonFiniteError", "ode_sampler", "ODESamplerInfo", "METHODS"]
 
 # ---- Butcher tableaus (scipy.integrate._ivp.rk) --------------------------------------------------------------
 
@@ -80,6 +89,24 @@ _RK23 = _Tableau(
 METHODS = {"RK45": _RK45, "RK23": _RK23}
 
 SAFETY, MIN_FACTOR, MAX_FACTOR = 0.9, 0.2, 10.0  # scipy's step controller
+
+
+class NonFiniteError(RuntimeError):
+    """The integration met a NaN or Inf. ``samples``: the positions in the batch of the samples concerned,
+    ``t``: the time of each one's first non-finite value."""
+
+    def __init__(self, message: str, samples: list[int], t: list[float]):
+        super().__init__(message)
+        self.samples, self.t = samples, t
+
+
+def _some(values: list, limit: int = 10) -> str:
+    return f"{values[:limit]}{' ...' if len(values) > limit else ''}"
+
+
+def _nonfinite_rows(v: Tensor) -> Tensor:
+    """(B,) bool: the rows (samples) of v (B, ...) holding a NaN or Inf."""
+    return ~torch.isfinite(v.detach().reshape(v.shape[0], -1)).all(dim=1)
 
 
 @dataclass
@@ -175,7 +202,9 @@ def solve_ivp(
     step size for all, score_sde's behaviour). ``callback(t)``, when given, is called after each step attempt
     with the times (N,) reached so far (a progress report). Integrate in float64 for scipy's precision: the
     state's dtype is y0's. Raises RuntimeError when a sample's step falls below ``10 * ulp(t)`` (scipy's
-    "required step size is less than spacing between numbers").
+    "required step size is less than spacing between numbers"), :class:`NonFiniteError` (a RuntimeError)
+    naming the samples and times when ``fn`` returns a NaN or Inf, within the step attempt it happens in,
+    and ValueError when y0 holds one.
     """
     t0, t1, rtol, atol, first_step, max_step = _check_solver_args(
         fn, t_span, y0, rtol, atol, method, first_step, max_step
@@ -190,7 +219,25 @@ def solve_ivp(
         zeros = torch.zeros(N, dtype=torch.int64, device=device)
         return ODEResult(y0.clone(), 0, zeros, 0, zeros.clone(), zeros.clone())
 
+    bad_y0 = _nonfinite_rows(y0)
+    if bool(bad_y0.any()):
+        raise ValueError(
+            f"y0: expected finite values, got NaN or Inf in sample(s) {_some(bad_y0.nonzero()[:, 0].tolist())}"
+        )
+
     counts = {"nfe": 0, "sample_evals": 0}
+    # Samples whose fn output held a NaN or Inf, and the time of the first such output: set without a host
+    # read, checked with the read each step attempt makes (and after each of the initial evaluations). Over the
+    # active samples (per-sample control) or the whole batch (joint control).
+    watch = {
+        "bad": torch.zeros(N, dtype=torch.bool, device=device),
+        "t": torch.zeros(N, dtype=torch.float64, device=device),
+    }
+
+    def note(t: Tensor, out: Tensor) -> None:
+        bad = _nonfinite_rows(out)
+        watch["t"] = torch.where(bad & ~watch["bad"], t, watch["t"])
+        watch["bad"] = watch["bad"] | bad
 
     if per_sample:
         G, width = N, M  # G groups (controlled units) of `width` state elements
@@ -202,6 +249,7 @@ def solve_ivp(
             _check_output(out, (B,) + shape)
             counts["nfe"] += 1
             counts["sample_evals"] += B
+            note(t, out)
             return out.reshape(B, M)
     else:
         G, width = 1, N * M
@@ -213,7 +261,18 @@ def solve_ivp(
             _check_output(out, (N,) + shape)
             counts["nfe"] += 1
             counts["sample_evals"] += N
+            note(t.expand(N), out)
             return out.reshape(1, N * M)
+
+    def stop_if_nonfinite(index: Tensor) -> None:
+        """Raise NonFiniteError for the samples watch["bad"] marks (positions in y0: index maps the active
+        groups back under per-sample control). Called only once a host read has found some."""
+        bad = watch["bad"].nonzero()[:, 0]
+        where = (index[bad] if per_sample else bad).tolist()
+        times = watch["t"][bad].tolist()
+        raise NonFiniteError(
+            f"solve_ivp: fn returned NaN or Inf for sample(s) {_some(where)} at t = {_some(times)}", where, times
+        )
 
     f64 = torch.float64
     direction = 1.0 if t1 > t0 else -1.0
@@ -231,11 +290,15 @@ def solve_ivp(
     y = out.clone()
     t = torch.full((G,), t0, dtype=f64, device=device)
     f = call(t, y, index).to(dtype)
+    if bool(watch["bad"].any()):  # before a step size (and then a time) is computed from it
+        stop_if_nonfinite(index)
     h_abs = (
         torch.full((G,), first_step, dtype=f64, device=device)
         if first_step is not None
         else _initial_step(call, t, y, f, index, abs(t1 - t0), direction, tab.error_order, rtol, atol, max_step)
     )
+    if bool(watch["bad"].any()):  # the initial-step heuristic's evaluation
+        stop_if_nonfinite(index)
     rejected = torch.zeros(G, dtype=torch.bool, device=device)
     steps = torch.zeros(G, dtype=torch.int64, device=device)
     rejections = torch.zeros(G, dtype=torch.int64, device=device)
@@ -284,8 +347,11 @@ def solve_ivp(
 
         finished = accept & (direction * (t - t1) >= 0)
         # the retry loop's test, for the next attempt: scipy fails when a retried step falls below min_step
-        failed = rejected & (h_abs < min_step)
-        n_finished, n_failed = torch.stack([finished.sum(), failed.sum()]).tolist()  # the one sync per attempt
+        # (a NaN step counts as too small: it could never pass the test otherwise)
+        failed = rejected & ~(h_abs >= min_step)
+        n_finished, n_failed, n_bad = torch.stack([finished.sum(), failed.sum(), watch["bad"].sum()]).tolist()
+        if n_bad:  # the one sync per attempt (above) also reports non-finite fn outputs
+            stop_if_nonfinite(index)
         if n_failed:
             bad = index[failed].tolist()
             raise RuntimeError(
@@ -304,6 +370,8 @@ def solve_ivp(
             keep = ~finished
             index, y, f, t, h_abs = index[keep], y[keep], f[keep], t[keep], h_abs[keep]
             rejected, steps, rejections = rejected[keep], steps[keep], rejections[keep]
+            if per_sample:
+                watch["bad"], watch["t"] = watch["bad"][keep], watch["t"][keep]
             K = torch.empty((S + 1, y.shape[0], width), dtype=dtype, device=device)
 
     nfe_per = init_evals + S * n_attempts
@@ -386,9 +454,52 @@ def _pf_drift(sde, score_fn, t: Tensor, x: Tensor):
         view = (t.shape[0],) + (1,) * (x.dim() - 1)
         a = torch.as_tensor(sde.drift_coef(t), dtype=x.dtype, device=x.device).expand(t.shape).reshape(view)
         c = (0.5 * torch.as_tensor(sde.diffusion_coef(t), dtype=x.dtype, device=x.device) ** 2).reshape(view)
-        return lambda h: torch.addcmul(a * h, c, score_fn(h, t), value=-1.0)
-    rsde = sde.reverse(score_fn, probability_flow=True)
+        return lambda h: torch.addcmul(a * h, c, check_score(score_fn(h, t), h), value=-1.0)
+    rsde = sde.reverse(checked_score_fn(score_fn), probability_flow=True)
     return lambda h: rsde.sde(h, t)[0]
+
+
+class _Watch:
+    """Where a NaN or Inf first appeared inside a right-hand side (``score_fn``'s output, the divergence
+    estimate), per sample of the batch: flags set without a host read, read only once the solver has
+    stopped on a non-finite value, to say which it was."""
+
+    def __init__(self, n: int, device):
+        self.flags = {what: torch.zeros(n, dtype=torch.bool, device=device) for what in ("score", "divergence")}
+
+    def note(self, what: str, values: Tensor, index: Tensor) -> None:
+        self.flags[what][index] |= _nonfinite_rows(values)
+
+    def score_fn(self, score_fn, index: Tensor):
+        """score_fn, noting its non-finite outputs for the rows ``index`` of the batch."""
+
+        def noted(x, t):
+            out = check_score(score_fn(x, t), x)
+            self.note("score", out, index)
+            return out
+
+        return noted
+
+    def explain(self, err: NonFiniteError, who: str) -> NonFiniteError:
+        """The solver's error restated: what held the first NaN or Inf, at which times, for which samples."""
+        rows = torch.tensor(err.samples, dtype=torch.int64)
+        messages = {
+            "score": "score_fn: returned NaN or Inf",
+            "divergence": f"{who}: the divergence estimate became NaN or Inf (score_fn's output was finite)",
+        }
+        samples, times = err.samples, err.t
+        message = (
+            f"{who}: the probability-flow ODE's right-hand side became NaN or Inf although score_fn's output "
+            "was finite (an overflow: the state or the score is too large)"
+        )
+        for what, flags in self.flags.items():
+            hit = [k for k, flag in enumerate(flags.cpu()[rows].tolist()) if flag]
+            if hit:
+                samples, times = [err.samples[k] for k in hit], [err.t[k] for k in hit]
+                message = messages[what]
+                break
+        where = f" ({who})" if message.startswith("score_fn") else ""
+        return NonFiniteError(f"{message} at t = {_some(times)} for sample(s) {_some(samples)}{where}", samples, times)
 
 
 def _check_sde(sde) -> None:
@@ -416,9 +527,10 @@ def ode_sampler(
     state_dtype: torch.dtype = torch.float64,
     progress: bool = False,
     return_info: bool = False,
+    noise=None,
 ):
     r"""Samples by integrating the probability-flow ODE :math:`dx/dt = f(x, t) - \tfrac12 g(t)^2 s(x, t)` of
-    ``sde`` from ``T`` to ``eps`` with adaptive Runge-Kutta (score_sde's ``get_ode_sampler``, §5.3).
+    ``sde`` from ``T`` to ``eps`` with adaptive Runge-Kutta (score_sde's ``get_ode_sampler``).
 
     ``score_fn(x, t)``: x (B, ...) in ``dtype``, t (B,) in ``dtype``, for the samples still being integrated.
     ``shape`` (N, ...): the batch. The start is ``x_init`` if given (not modified), else a prior draw made
@@ -431,14 +543,24 @@ def ode_sampler(
     each sample has its own error control and step size and leaves the batch when it reaches ``eps``
     (``False``: one error norm over the batch, score_sde's behaviour). ``denoise``: one reverse-diffusion
     predictor step at ``t = eps`` keeping its mean (one more network call; for VE: :math:`x + \sigma_0^2
-    s(x, \epsilon)`). Runs without autograd.
+    s(x, \epsilon)`). Runs without autograd. ``noise``: where the prior draw comes from, as the samplers'
+    ``noise=`` (fastscore.sampling): ``None`` (the counter-based generator above), a ``torch.Generator``
+    (the start is then ``torch.randn(shape, generator=noise)`` times the prior std, as score_sde's
+    ``prior_sampling`` draws it) or a callable ``noise(shape, dtype, device) -> Tensor``; unused with
+    ``x_init``.
+
+    ``score_fn`` must return x's shape, dtype and device (else an error naming it, as every sampler). A NaN
+    or Inf stops the integration within the step it appears in: ``x_init`` is checked up front (ValueError),
+    and a non-finite score gives a :class:`NonFiniteError` (a RuntimeError) naming ``score_fn``, the times
+    and the samples.
 
     Returns the final batch (N, ...) in ``dtype``; with ``return_info=True`` the pair ``(samples,
     ODESamplerInfo)`` with the number of function evaluations.
 
     Deviations from score_sde: per-sample error control by default (score_sde's joint control with
     ``per_sample=False``); the prior is drawn from the counter-based generator (score_sde: torch's global CPU
-    generator); no ``inverse_scaler`` (scale the output yourself); ``nfe`` counts the denoising call.
+    generator, which ``noise=torch.default_generator`` reproduces); no ``inverse_scaler`` (scale the output
+    yourself); ``nfe`` counts the denoising call.
     """
     if not callable(score_fn):
         raise TypeError(f"score_fn: expected a callable score_fn(x, t), got {type(score_fn).__name__}")
@@ -452,12 +574,22 @@ def ode_sampler(
     for name, v in (("dtype", dtype), ("state_dtype", state_dtype)):
         if not isinstance(v, torch.dtype) or not v.is_floating_point:
             raise TypeError(f"{name}: expected a floating torch.dtype, got {v!r}")
+    from fastscore.sampling import _outside_noise
+
+    outside = _outside_noise(noise)
     if x_init is not None:
         if not isinstance(x_init, Tensor) or not x_init.is_floating_point():
             raise TypeError(f"x_init: expected a floating tensor of shape (N, ...), got {type(x_init).__name__}")
         if x_init.dim() < 1 or tuple(x_init.shape) != tuple(shape):
             raise ValueError(f"x_init: expected the batch shape {tuple(shape)}, got {tuple(x_init.shape)}")
+        bad = _nonfinite_rows(x_init)
+        if bool(bad.any()):
+            raise ValueError(
+                f"x_init: expected finite values, got NaN or Inf in sample(s) {_some(bad.nonzero()[:, 0].tolist())}"
+            )
         start = x_init.detach().to(device=device or x_init.device, dtype=state_dtype)
+    elif outside is not None:
+        start = outside.draw(tuple(shape), dtype, device or "cpu").mul_(sde.prior_std).to(state_dtype)
     else:
         from fastscore.ops import counter_randn
         from fastscore.sampling import _PRIOR_COUNTER
@@ -468,29 +600,34 @@ def ode_sampler(
             shape, seed=seed, counter=_PRIOR_COUNTER, sample_offset=sample_offset, dtype=dtype, device=device or "cpu"
         )
         start = z.mul_(sde.prior_std).to(state_dtype)
+    watch = _Watch(start.shape[0], start.device)
 
-    def drift(t: Tensor, y: Tensor) -> Tensor:
+    def drift(t: Tensor, y: Tensor, index: Tensor) -> Tensor:
         x = y.to(dtype)
-        return _pf_drift(sde, score_fn, t.to(dtype), x)(x)
+        return _pf_drift(sde, watch.score_fn(score_fn, index), t.to(dtype), x)(x)
 
     bar = _Progress(progress, sde.T, eps, "ode_sampler")
     try:
         with torch.no_grad():
-            res = solve_ivp(
-                drift,
-                (sde.T, eps),
-                start,
-                rtol=rtol,
-                atol=atol,
-                method=method,
-                per_sample=per_sample,
-                callback=bar if progress else None,
-            )
+            try:
+                res = solve_ivp(
+                    drift,
+                    (sde.T, eps),
+                    start,
+                    rtol=rtol,
+                    atol=atol,
+                    method=method,
+                    per_sample=per_sample,
+                    indexed=True,
+                    callback=bar if progress else None,
+                )
+            except NonFiniteError as err:
+                raise watch.explain(err, "ode_sampler") from None
             out = res.y.to(dtype)
             nfe = res.nfe
             if denoise:
                 t_eps = torch.full((out.shape[0],), eps, dtype=dtype, device=out.device)
-                f, _ = sde.reverse(score_fn, probability_flow=False).discretize(out, t_eps)
+                f, _ = sde.reverse(checked_score_fn(score_fn), probability_flow=False).discretize(out, t_eps)
                 out = out - f
                 nfe += 1
     finally:

@@ -1,5 +1,5 @@
-r"""Exact likelihood of data under the probability-flow ODE of a score SDE (score_sde's ``likelihood.py``,
-reference/ncsn_reference.md §5.4), and bits per dimension.
+r"""Exact likelihood of data under the probability-flow ODE of a score SDE (score_sde's ``likelihood.py``), and
+bits per dimension.
 
 The probability-flow ODE :math:`dx/dt = \tilde f(x, t) = f(x, t) - \tfrac12 g(t)^2 s(x, t)` maps the data at
 ``t = eps`` to a latent :math:`z = x(T)` under the prior, and by the instantaneous change of variables
@@ -32,10 +32,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fastscore._ode import NonFiniteError
 from fastscore._ode import _check_sde
+from fastscore._ode import _nonfinite_rows
 from fastscore._ode import _number
 from fastscore._ode import _pf_drift
 from fastscore._ode import _Progress
+from fastscore._ode import _some
+from fastscore._ode import _Watch
 from fastscore._ode import solve_ivp
 from fastscore.ops.hutchinson import exact_divergence
 from fastscore.ops.hutchinson import make_probes
@@ -97,6 +101,11 @@ def log_likelihood(
     ``"reverse"``: :func:`fastscore.ops.hutchinson.probe_products`). ``score_fn`` sees x in x's dtype and t
     (B,) in x's dtype, for the B samples still being integrated; the state is integrated in ``state_dtype``.
 
+    ``score_fn`` must return x's shape, dtype and device (else an error naming it, as every sampler). ``x``
+    must be finite (ValueError); a NaN or Inf that appears during the integration stops it within that
+    step with a :class:`fastscore._ode.NonFiniteError` (a RuntimeError) saying whether ``score_fn``'s output
+    or the divergence estimate held it, at which times, for which samples.
+
     With ``return_info=True`` returns ``(logp, LikelihoodInfo)``: nfe and the probes' standard error.
     Convert to bits per dimension with :func:`bits_per_dim`.
     """
@@ -109,6 +118,11 @@ def log_likelihood(
         raise TypeError(f"x: expected a floating tensor, got {x.dtype}")
     if x.dim() < 2 or x.shape[0] < 1:
         raise ValueError(f"x: expected a batch (N, ...) with N >= 1 and at least 2 dims, got {tuple(x.shape)}")
+    bad = _nonfinite_rows(x)
+    if bool(bad.any()):
+        raise ValueError(
+            f"x: expected finite values, got NaN or Inf in sample(s) {_some(bad.nonzero()[:, 0].tolist())}"
+        )
     if probe not in PROBES:
         raise ValueError(f"probe: expected one of {', '.join(map(repr, PROBES))}, got {probe!r}")
     if isinstance(n_probes, bool) or not isinstance(n_probes, numbers.Integral) or n_probes < 1:
@@ -130,11 +144,12 @@ def log_likelihood(
     P = 1 if exact else int(n_probes)
     # (P, N, ...) probes for the whole batch, drawn once; each evaluation gathers the active samples' rows.
     probes = None if exact else make_probes(x.detach(), P, probe, seed=seed)
+    watch = _Watch(N, x.device)
 
     def rhs(t: Tensor, y: Tensor, index: Tensor) -> Tensor:
         B = y.shape[0]
         xs = y[:, :D].reshape((B,) + shape).to(dtype)
-        drift = _pf_drift(sde, score_fn, t.to(dtype), xs)
+        drift = _pf_drift(sde, watch.score_fn(score_fn, index), t.to(dtype), xs)
 
         if exact:
             fx, div = exact_divergence(drift, xs)
@@ -142,6 +157,7 @@ def log_likelihood(
         else:
             fx, div = probe_products(drift, xs, probes[:, index], mode=mode)
             div = div.t()
+        watch.note("divergence", div, index)
         return torch.cat([fx.detach().reshape(B, D).to(y.dtype), div.detach().to(y.dtype)], dim=1)
 
     start = torch.cat([x.detach().reshape(N, D).to(state_dtype), x.new_zeros((N, P), dtype=state_dtype)], dim=1)
@@ -159,6 +175,8 @@ def log_likelihood(
                 indexed=True,
                 callback=bar if progress else None,
             )
+    except NonFiniteError as err:
+        raise watch.explain(err, "log_likelihood") from None
     finally:
         bar.close()
     z = res.y[:, :D].reshape(x.shape)

@@ -10,32 +10,53 @@ allocated, no chain of eager ops runs and nothing waits for the device:
 - the noise of update k of sample n is ``counter_randn`` of ``(seed, counter=k)`` at global sample index
   ``sample_offset + n``: the same seed gives bitwise the same samples, and a sample does not depend on the
   batch it shares (run a shard with ``sample_offset`` set to its first sample's index);
-- score_sde's Langevin corrector needs the norms of the score and of the noise: one fused reduction pass
-  (the op's (N, 2) float64 output is the only per-step allocation, 16 bytes per sample), the step sizes
-  computed into preallocated buffers, then the update pass.
+- score_sde's batch-averaged Langevin corrector step (``batch_norm_step=True``) needs the norms of the score
+  and of the noise: one fused reduction pass (into preallocated buffers), the step size computed into
+  preallocated buffers, then the update pass.
 
 ``seed=None`` draws a seed from torch's default CPU generator (``torch.manual_seed`` then fixes it).
 ``progress=True`` shows a progress bar (tqdm when installed, else a line on stderr). Each sampler returns
 the final batch, or ``(final, intermediates)`` with ``return_intermediates=True`` (CPU copies of the
 state after every ``intermediate_every``-th step; ncsn's variant records the state before each update).
-The input ``x`` is never modified. Score functions are called under ``torch.no_grad()``.
+The input ``x`` is never modified. Score functions are called under ``torch.no_grad()``; what they return
+must have x's shape, dtype and device (anything else is an error naming ``score_fn``, as in
+:func:`ode_sampler` and :func:`fastscore.likelihood.log_likelihood`).
 
-Conventions (reference/ncsn_reference.md §4, §5.3), and where fastscore differs:
+Outside noise. Every sampler takes ``noise=``: ``None`` (the default: the counter-based generator above), a
+``torch.Generator``, or a callable ``noise(shape, dtype, device) -> Tensor`` returning standard normals. With
+a generator every normal is drawn as the original repositories draw it, ``torch.randn_like(x,
+generator=noise)`` (the state's shape, dtype and memory layout), in the originals' order (below), so a run
+started from the same state and seed reproduces a sample grid the originals made with ``torch.randn``:
+pass ``torch.default_generator`` after ``torch.manual_seed(s)`` for their global generator, or a
+generator on the state's device (one on another device is drawn there and copied). The drawn tensor is
+handed to the same fused update (the kernels take a given noise tensor), so the arithmetic is unchanged;
+each step then costs the draw (a ``normal_`` into a buffer allocated once, or the callable's own tensor).
+Batch independence and ``sample_offset`` are properties of the counter-based generator only. Draw order
+(which matters when the score function draws from the same generator): ncsnv2's sampler and score_sde's
+correctors and reverse-diffusion / ancestral predictors draw after the score; ncsn's sampler
+(``variant="ncsn"``), both inpainting samplers and score_sde's Euler-Maruyama predictor draw before it;
+score_sde's PC sampler draws its prior first.
+
+Conventions of the original code, and where fastscore differs:
 
 - :func:`annealed_langevin`: ncsnv2's rules: level i step :math:`\alpha_i = \epsilon (\sigma_i/\sigma_L)^2`,
   ``x <- x + alpha_i s + sqrt(2 alpha_i) z``, then the Tweedie denoising ``x + sigma_L^2 s(x, L-1)``.
   ``variant="ncsn"`` follows ncsn (v1): no denoising by default and intermediates recorded *before* each
-  update. The draw order of ncsn (noise before the score) versus ncsnv2 (after) only mattered for torch's
-  stateful generator: here the noise of a step is a function of its counter, so both orders give the same
-  numbers. Step sizes are computed in float64 and rounded once to the compute dtype.
+  update. The draw order of ncsn (noise before the score) versus ncsnv2 (after) only matters for a stateful
+  generator (``noise=``): with the counter-based one the noise of a step is a function of its counter, so
+  both orders give the same numbers. Step sizes are computed in float64 and rounded once to the compute
+  dtype. The noise levels must not increase.
 - :func:`pc_sampler`: score_sde's order (corrector steps, then the predictor, per time step) on the grid
   ``linspace(T, eps, N)`` (float32, as score_sde) with score_sde's truncated discrete indices; returns the
   last predictor's ``x_mean`` when ``denoise`` (with predictor ``none`` that is the noisy x, as in
-  score_sde). The Langevin corrector's step is per sample by default; ``batch_norm_step=True`` uses
-  score_sde's batch means of the norms (one step for the whole batch, so a sample then depends on its
-  batch). The prior is drawn from the counter-based generator (score_sde: torch's CPU generator), so that
-  it too is reproducible per sample. Coefficients are computed once in float64 from the float32 tables
-  (score_sde computes them every step in float32): results agree with score_sde's to float32 rounding.
+  score_sde). The Langevin corrector's default step does not depend on the state (see :func:`pc_sampler`:
+  score_sde's step size with the norms replaced by their expected values), so it samples the right
+  distribution and a sample does not depend on its batch; ``batch_norm_step=True`` uses score_sde's batch
+  means of the norms (one step for the whole batch, so a sample then depends on its batch). The prior is
+  drawn from the counter-based generator (score_sde: torch's CPU generator, which
+  ``noise=torch.default_generator`` reproduces), so that it too is reproducible per sample. Coefficients
+  are computed once in float64 from the float32 tables (score_sde computes them every step in float32):
+  results agree with score_sde's to float32 rounding.
 - :func:`annealed_langevin_inpainting`: a general ``mask`` (1 on known entries) instead of the left half of
   3-channel images; ``variant="ncsnv2"`` (default) re-draws the perturbed known part every step and writes
   it before the update, ``variant="ncsn"`` draws it once per level and re-imposes it after every update.
@@ -51,6 +72,7 @@ import torch
 from torch import Tensor
 
 from fastscore import sde as sde_lib
+from fastscore._score import check_score
 from fastscore.ops import langevin_step as _ls
 
 __all__ = [
@@ -130,7 +152,9 @@ def _callable(fn, name: str = "score_fn"):
 
 
 def _sigma_list(sigmas) -> list[float]:
-    """The noise levels as Python floats (one host read at set-up), checked 1-D, positive and finite."""
+    """The noise levels as Python floats (one host read at set-up), checked 1-D, positive, finite and not
+    increasing (level i's step is ``step_lr (sigma_i / sigma_L)^2``: the annealing runs from the largest
+    level down to the smallest, which is the last)."""
     if isinstance(sigmas, Tensor):
         if sigmas.dim() != 1:
             raise ValueError(f"sigmas: expected a 1-D tensor of noise levels, got shape {tuple(sigmas.shape)}")
@@ -146,18 +170,76 @@ def _sigma_list(sigmas) -> list[float]:
         raise ValueError("sigmas: expected at least one noise level")
     if not all(math.isfinite(s) and s > 0 for s in values):
         raise ValueError(f"sigmas: expected positive finite noise levels, got {values}")
+    rises = [i for i in range(1, len(values)) if values[i] > values[i - 1]]
+    if rises:
+        i = rises[0]
+        raise ValueError(
+            f"sigmas: expected noise levels that do not increase (largest first, as ncsn / ncsnv2), got "
+            f"sigmas[{i - 1}] = {values[i - 1]} < sigmas[{i}] = {values[i]}"
+        )
     return values
 
 
-def _seed_and_offset(seed, sample_offset, x_shape) -> tuple[int, int]:
-    """(seed, sample_offset) validated as the ops take them (seed drawn when None)."""
+def _seed_and_offset(seed, sample_offset, x_shape, outside=None) -> tuple[int, int]:
+    """(seed, sample_offset) validated as the ops take them; a seed is drawn when None unless the noise comes
+    from outside (then the seed is unused, and drawing it would move torch's default generator)."""
     N, D = x_shape[0], math.prod(x_shape[1:])
-    seed, _, sample_offset = _ls._key(seed, 0, sample_offset, N, D)
+    seed, _, sample_offset = _ls._key(seed, 0, sample_offset, N, D, outside is None)
     return seed, sample_offset
 
 
 def _intermediate_every(v) -> int:
     return _count(v, "intermediate_every")
+
+
+class _OutsideNoise:
+    """Standard normals from a source the caller gives (``noise=``) instead of the counter-based generator:
+    a ``torch.Generator``, drawn as ``torch.randn_like(x, generator=...)`` draws, or a callable
+    ``noise(shape, dtype, device) -> Tensor``."""
+
+    def __init__(self, source):
+        if isinstance(source, torch.Generator):
+            self.gen, self.fn = source, None
+        elif callable(source):
+            self.gen, self.fn = None, source
+        else:
+            raise TypeError(
+                "noise: expected None, a torch.Generator or a callable noise(shape, dtype, device) -> Tensor, "
+                f"got {type(source).__name__}"
+            )
+
+    def _call(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        z = self.fn(shape, dtype, device)
+        if not isinstance(z, Tensor):
+            raise TypeError(f"noise: expected the callable to return a tensor, got {type(z).__name__}")
+        if tuple(z.shape) != shape or z.dtype != dtype or z.device != device:
+            raise ValueError(
+                f"noise: the callable returned shape {tuple(z.shape)}, {z.dtype} on {z.device}; expected shape "
+                f"{shape}, {dtype} on {device}"
+            )
+        return z.detach()
+
+    def fill(self, buf: Tensor) -> Tensor:
+        """Fresh normals of buf's shape, dtype, device and layout: buf refilled (a generator: exactly
+        ``torch.randn_like(buf, generator=...)``), or the callable's tensor (copied into buf when its layout
+        is not buf's)."""
+        if self.gen is not None:
+            if self.gen.device == buf.device:
+                return buf.normal_(generator=self.gen)
+            return buf.copy_(torch.randn_like(buf, device=self.gen.device, generator=self.gen))
+        z = self._call(tuple(buf.shape), buf.dtype, buf.device)
+        return z if z.stride() == buf.stride() else buf.copy_(z)
+
+    def draw(self, shape: tuple[int, ...], dtype: torch.dtype, device) -> Tensor:
+        """A new tensor of normals (contiguous), as ``torch.randn(shape, generator=...)`` draws them."""
+        device = torch.device(device if device is not None else "cpu")
+        if self.gen is not None:
+            return torch.randn(shape, generator=self.gen, dtype=dtype, device=self.gen.device).to(device)
+        return self._call(tuple(shape), dtype, device)
+
+
+def _outside_noise(noise) -> _OutsideNoise | None:
+    return None if noise is None else _OutsideNoise(noise)
 
 
 # ---- the loop's pieces -----------------------------------------------------------------------------------
@@ -209,7 +291,9 @@ class _Progress:
 class _Chain:
     """The state of a chain and what its steps share: the fused update, the score checks, the recording."""
 
-    def __init__(self, x: Tensor, seed: int, sample_offset: int, record: bool, every: int):
+    def __init__(
+        self, x: Tensor, seed: int, sample_offset: int, record: bool, every: int, noise: _OutsideNoise | None = None
+    ):
         self.x = x
         self.N = x.shape[0]
         self.fmt = _ls._layout_of_x(x, "x")
@@ -217,6 +301,11 @@ class _Chain:
         self.seed, self.sample_offset = seed, sample_offset
         self.counter = 0
         self.score_buf: Tensor | None = None
+        # Outside noise (noise=): the normals of a step are drawn into z (allocated once) and handed to the
+        # same fused update; None: the kernels generate them from (seed, counter).
+        self.outside = noise
+        self.z_buf = torch.empty_like(x, memory_format=self.fmt) if noise is not None else None
+        self.z: Tensor | None = None
         self.record, self.every, self.steps_done = record, every, 0
         self.intermediates: list[Tensor] = []
         # The backend is chosen once per run, not per step: selection reads the environment and the
@@ -233,14 +322,7 @@ class _Chain:
         """The network's output checked against x (metadata only); copied into a reused buffer when its
         layout is not x's."""
         x = self.x
-        if not isinstance(out, Tensor):
-            raise TypeError(f"score_fn: expected it to return a tensor, got {type(out).__name__}")
-        if out.shape != x.shape:
-            raise ValueError(f"score_fn: returned shape {tuple(out.shape)}, expected x's shape {tuple(x.shape)}")
-        if out.dtype != x.dtype or out.device != x.device:
-            raise TypeError(
-                f"score_fn: returned {out.dtype} on {out.device}, expected x's dtype {x.dtype} on {x.device}"
-            )
+        check_score(out, x)
         if out.requires_grad:
             out = out.detach()
         if not out.is_contiguous(memory_format=self.fmt):
@@ -249,9 +331,22 @@ class _Chain:
             out = self.score_buf.copy_(out)
         return out
 
-    def update(self, score: Tensor, coef: Tensor, *, mask=None, known=None, x_mean=None) -> None:
+    def draw(self) -> None:
+        """With outside noise: draw the next update's normals now (for the originals that draw before the
+        score). Nothing to do with the counter-based generator."""
+        if self.outside is not None and self.z is None:
+            self.z = self.outside.fill(self.z_buf)
+
+    def noise(self) -> Tensor | None:
+        """The next update's outside normals (drawn now unless :meth:`draw` did), or None."""
+        self.draw()
+        z, self.z = self.z, None
+        return z
+
+    def update(self, score: Tensor, coef: Tensor, *, mask=None, known=None, x_mean=None, z=None) -> None:
         update = self.update_fn or _ls._update
-        update(self.x, score, coef, None, self.seed, self.counter, self.sample_offset, mask, known, x_mean)
+        z = self.noise() if z is None else z
+        update(self.x, score, coef, z, self.seed, self.counter, self.sample_offset, mask, known, x_mean)
         self.counter += 1
 
     def snapshot(self) -> None:
@@ -289,6 +384,7 @@ def langevin(
     step_size,
     n_steps: int,
     seed: int | None = None,
+    noise=None,
     progress: bool = False,
     return_intermediates: bool = False,
     intermediate_every: int = 1,
@@ -298,7 +394,10 @@ def langevin(
 
     ``score_fn(x) -> score`` (x's shape); ``x`` (N, ...) the initial batch (not modified); ``step_size``
     :math:`\epsilon \ge 0`: a float, or an (N,) tensor (one step per sample). ncsn's toy
-    ``langevin_dynamics(lr)`` is ``step_size = lr / 2``. Returns the final batch.
+    ``langevin_dynamics(lr)`` is ``step_size = lr / 2``. ``noise``: where z comes from: ``None`` (the
+    counter-based generator keyed by ``seed``), a ``torch.Generator`` (z drawn after the score as
+    ``torch.randn_like(x, generator=noise)``, as ncsn's toy loop does) or a callable ``noise(shape, dtype,
+    device) -> Tensor`` (see the module docstring). Returns the final batch.
     """
     _callable(score_fn)
     x = _state(x)
@@ -318,9 +417,10 @@ def langevin(
     _flag(progress, "progress")
     _flag(return_intermediates, "return_intermediates")
     every = _intermediate_every(intermediate_every)
-    seed, sample_offset = _seed_and_offset(seed, sample_offset, x.shape)
+    outside = _outside_noise(noise)
+    seed, sample_offset = _seed_and_offset(seed, sample_offset, x.shape, outside)
     with torch.no_grad():
-        chain = _Chain(_start(x), seed, sample_offset, return_intermediates, every)
+        chain = _Chain(_start(x), seed, sample_offset, return_intermediates, every, outside)
         coef = torch.tensor(table, dtype=chain.acc, device=x.device).expand(N, 3)
         bar = _Progress(n_steps, progress, "langevin")
         try:
@@ -343,21 +443,27 @@ def annealed_langevin(
     step_lr: float,
     denoise: bool | None = None,
     seed: int | None = None,
+    noise=None,
     variant: str = "ncsnv2",
     progress: bool = False,
     return_intermediates: bool = False,
     intermediate_every: int = 1,
     sample_offset: int = 0,
 ):
-    r"""Annealed Langevin dynamics of ncsn / ncsnv2 (reference/ncsn_reference.md §4.1, §4.3).
+    r"""Annealed Langevin dynamics of ncsn / ncsnv2 (ncsn's and ncsnv2's ``anneal_Langevin_dynamics``).
 
     ``score_fn(x, labels)`` with ``labels`` an int64 (N,) tensor of level indices (0 = largest sigma);
-    ``sigmas`` (L,) decreasing noise levels (tensor or sequence); for level i, ``n_steps_each`` steps of
+    ``sigmas`` (L,) noise levels from the largest to the smallest (tensor or sequence; increasing levels
+    are refused: the step rule scales by the last level); for level i, ``n_steps_each`` steps of
     :math:`x \leftarrow x + \alpha_i s + \sqrt{2\alpha_i}\, z` with
     :math:`\alpha_i = \text{step\_lr}\,(\sigma_i/\sigma_L)^2`; then, when ``denoise`` (default: True for
     ``variant="ncsnv2"``, False for ``"ncsn"``), :math:`x \leftarrow x + \sigma_L^2 s(x, L-1)` (one more
-    network call). ``variant="ncsn"`` records intermediates before each update, as ncsn. Returns the final
-    batch.
+    network call). ``variant="ncsn"`` records intermediates before each update, as ncsn. ``noise``: where z
+    comes from: ``None`` (the counter-based generator keyed by ``seed``), a ``torch.Generator`` or a
+    callable ``noise(shape, dtype, device) -> Tensor`` (module docstring); with a generator z is drawn as
+    ``torch.randn_like(x, generator=noise)`` after the score (ncsnv2) or before it (``variant="ncsn"``), so
+    the originals' loops run with ``torch.manual_seed(s)`` are reproduced by ``noise=torch.default_generator``
+    after the same ``torch.manual_seed(s)`` and the same start. Returns the final batch.
     """
     _callable(score_fn)
     x = _state(x)
@@ -369,10 +475,11 @@ def annealed_langevin(
     _flag(progress, "progress")
     _flag(return_intermediates, "return_intermediates")
     every = _intermediate_every(intermediate_every)
-    seed, sample_offset = _seed_and_offset(seed, sample_offset, x.shape)
+    outside = _outside_noise(noise)
+    seed, sample_offset = _seed_and_offset(seed, sample_offset, x.shape, outside)
     L = len(sig)
     with torch.no_grad():
-        chain = _Chain(_start(x), seed, sample_offset, return_intermediates, every)
+        chain = _Chain(_start(x), seed, sample_offset, return_intermediates, every, outside)
         rows = chain.rows([_langevin_row(step_lr * (s / sig[-1]) ** 2) for s in sig])
         labels = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
         record_before = variant == "ncsn"
@@ -383,6 +490,7 @@ def annealed_langevin(
                 for _ in range(n_steps_each):
                     if record_before:
                         chain.snapshot()
+                        chain.draw()  # ncsn draws the noise before the score
                     chain.update(chain.score(score_fn(chain.x, labels)), rows[level])
                     chain.stepped()
                     if not record_before:
@@ -409,21 +517,25 @@ def annealed_langevin_inpainting(
     step_lr: float = 8e-6,
     denoise: bool = False,
     seed: int | None = None,
+    noise=None,
     variant: str = "ncsnv2",
     progress: bool = False,
     return_intermediates: bool = False,
     intermediate_every: int = 1,
     sample_offset: int = 0,
 ):
-    r"""Annealed Langevin inpainting (reference/ncsn_reference.md §4.2, §4.4): fills the entries where
-    ``mask`` is 0, keeping the ``known`` ones (``mask`` 1).
+    r"""Annealed Langevin inpainting (ncsn's and ncsnv2's ``anneal_Langevin_dynamics_inpainting``): fills
+    the entries where ``mask`` is 0, keeping the ``known`` ones (``mask`` 1).
 
     ``known``, ``mask``: broadcastable to x (e.g. (1, C, H, W) or (N, C, H, W)); mask values in [0, 1]. At
     level i the known part is replaced by its perturbed version :math:`k + \sigma_i z`: re-drawn before
     every step (``variant="ncsnv2"``) or drawn once per level and re-imposed after every update
-    (``variant="ncsn"``). Steps as :func:`annealed_langevin`. ``denoise=True`` adds the Tweedie step
-    :math:`x + \sigma_L^2 s(x, L-1)` and then restores the clean known part (neither reference denoises).
-    Returns the final batch.
+    (``variant="ncsn"``). Steps as :func:`annealed_langevin` (the same ``sigmas`` rule). ``denoise=True``
+    adds the Tweedie step :math:`x + \sigma_L^2 s(x, L-1)` and then restores the clean known part (neither
+    reference denoises). ``noise``: as :func:`annealed_langevin`; with outside noise each step draws, as
+    both originals do, the perturbation of the known part first (one normal per entry where ``mask`` is not
+    0, in x's row-major order: for the originals' left-half mask exactly their ``torch.randn_like`` of the
+    known half), then the update's noise, then calls the score. Returns the final batch.
     """
     _callable(score_fn)
     x = _state(x)
@@ -447,10 +559,11 @@ def annealed_langevin_inpainting(
     _flag(progress, "progress")
     _flag(return_intermediates, "return_intermediates")
     every = _intermediate_every(intermediate_every)
-    seed, sample_offset = _seed_and_offset(seed, sample_offset, x.shape)
+    outside = _outside_noise(noise)
+    seed, sample_offset = _seed_and_offset(seed, sample_offset, x.shape, outside)
     L = len(sig)
     with torch.no_grad():
-        chain = _Chain(_start(x), seed, sample_offset, return_intermediates, every)
+        chain = _Chain(_start(x), seed, sample_offset, return_intermediates, every, outside)
         state = chain.x
         known_x = full[0].to(x.dtype).contiguous(memory_format=chain.fmt)
         mask_x = full[1].to(x.dtype).contiguous(memory_format=chain.fmt)
@@ -459,10 +572,19 @@ def annealed_langevin_inpainting(
         rows = chain.rows([_langevin_row(step_lr * (s / sig[-1]) ** 2) for s in sig])
         labels = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
         known_draws = 0
+        if outside is not None:
+            # The originals draw normals for the known entries only (randn_like of the known half): one per
+            # entry where mask != 0, in x's row-major order, scattered into a zero image.
+            known_index = (full[1] != 0).reshape(-1).nonzero().squeeze(1)
+            known_flat = torch.zeros(x.numel(), dtype=x.dtype, device=x.device)
 
         def draw_perturbed_known(level: int) -> None:
             nonlocal known_draws
-            _ls._randn(perturbed, seed, _ls._wrap(_KNOWN_COUNTER + known_draws), sample_offset)
+            if outside is None:
+                _ls._randn(perturbed, seed, _ls._wrap(_KNOWN_COUNTER + known_draws), sample_offset)
+            else:
+                z = outside.draw((known_index.numel(),), x.dtype, x.device)
+                perturbed.copy_(known_flat.index_copy_(0, known_index, z).view(x.shape))
             known_draws += 1
             perturbed.mul_(level_sigma[level]).add_(known_x)
             state.lerp_(perturbed, mask_x)  # x <- mask k + (1 - mask) x
@@ -476,6 +598,7 @@ def annealed_langevin_inpainting(
                 for _ in range(n_steps_each):
                     if variant == "ncsnv2":
                         draw_perturbed_known(level)
+                    chain.draw()  # both originals draw the update's noise before the score
                     score = chain.score(score_fn(state, labels))
                     if variant == "ncsn":
                         chain.update(score, rows[level], mask=mask_x, known=perturbed)
@@ -553,11 +676,45 @@ def _corrector_alpha(sde, idx: list[int]) -> list[float]:
     return [alphas[i] for i in idx]
 
 
-class _CorrectorSteps:
-    """score_sde's Langevin corrector step size, eps = (snr |z| / |g|)^2 2 alpha_i, computed from the op's
-    fused norms into preallocated buffers (per sample, or from batch means of the norms)."""
+def _expected_norm_steps(sde, ts: list[float], alphas: list[float], snr: float) -> list[float]:
+    r"""The default Langevin corrector step at each time: score_sde's step size with the norms replaced by
+    their expected values, :math:`\epsilon_i = 2 \alpha_i (\mathrm{snr}\, s(t_i))^2`.
 
-    def __init__(self, chain: _Chain, snr: float, alphas: list[float], batch_norm_step: bool):
+    score_sde's ``LangevinCorrector`` takes :math:`\epsilon = 2 \alpha_i (\mathrm{snr}\, \|z\| / \|g\|)^2`
+    from the current noise z and score g. Computed per sample, that step depends on the state, and Langevin
+    dynamics without a Metropolis correction then samples a tilted law: with :math:`\epsilon(x) \propto
+    1/\|g(x)\|^2` the small-step stationary density is :math:`p(x) \|g(x)\|^2`, whose variance is
+    :math:`(D + 2)/D` times the target's for a Gaussian in D dims (score_sde avoids most of it by averaging
+    the norms over the batch, which makes each sample depend on its batch). Replace both norms by their
+    expectations instead: :math:`E\|z\|^2 = D`; at time t the perturbation kernel is
+    :math:`p_{0t}(x_t | x_0) = N(m(t) x_0, s(t)^2 I)`, so for data whose spread is small next to
+    :math:`s(t)` the marginal is :math:`p_t \approx N(m(t) \mu, s(t)^2 I)` and :math:`E\|g\|^2 =
+    E\|\nabla \log p_t\|^2 = D / s(t)^2` (the Fisher information of the kernel). Then
+    :math:`E\|z\|^2 / E\|g\|^2 = s(t)^2`, the marginal variance of the kernel, and
+
+    .. math::
+        \epsilon_i = 2 \alpha_i (\mathrm{snr}\, s(t_i))^2, \qquad
+        \text{VE: } \alpha_i = 1,\ s = \sigma(t); \quad
+        \text{VP: } \alpha_i = 1 - \beta_i,\ s^2 = 1 - e^{2\,\mathrm{lmc}(t)}; \quad
+        \text{sub-VP: } \alpha_i = 1 - \beta_i,\ s = 1 - e^{2\,\mathrm{lmc}(t)}
+
+    (s from ``sde.marginal_prob``). For any data, :math:`E\|g\|^2 \le D / s^2` (the Fisher information of
+    :math:`m x_0 + s z` is at most that of the Gaussian :math:`s z`; for Gaussian data of covariance
+    :math:`\Sigma` it is :math:`\mathrm{tr}((m^2 \Sigma + s^2 I)^{-1})`): the step is never larger than the
+    one the real data's expected norms would give. The step depends on t only, so the chain
+    samples the target without bias from the step rule and every sample is independent of its batch. It is
+    the step of score_sde's ``AnnealedLangevinDynamics`` corrector (``ald``), in score_sde's order of
+    evaluation."""
+    _, std = sde.marginal_prob(torch.zeros(len(ts), 1, dtype=torch.float64), torch.tensor(ts, dtype=torch.float64))
+    return [(snr * s) ** 2 * 2.0 * a for s, a in zip(std.tolist(), alphas)]
+
+
+class _BatchNormSteps:
+    """score_sde's Langevin corrector step size, eps = 2 alpha_i (snr mean_b |z_b| / mean_b |g_b|)^2 (one step
+    for the whole batch, from the batch means of the per-sample norms), computed from the op's fused norms
+    into preallocated buffers."""
+
+    def __init__(self, chain: _Chain, snr: float, alphas: list[float]):
         dev, N = chain.x.device, chain.N
         self.scale = torch.tensor([snr * snr * 2.0 * a for a in alphas], dtype=torch.float64, device=dev)
         self.coef = torch.ones(N, 3, dtype=chain.acc, device=dev)
@@ -567,20 +724,16 @@ class _CorrectorSteps:
         self.sums = torch.empty(N, 2, dtype=torch.float64, device=dev)
         self.norm_sums = torch.empty(2, dtype=torch.float64, device=dev)
         self.ratio = torch.empty(1, dtype=torch.float64, device=dev)
-        self.batch = batch_norm_step
 
-    def __call__(self, chain: _Chain, score: Tensor, step: int) -> Tensor:
-        _ls._norms_into(score, None, chain.seed, chain.counter, chain.sample_offset, self.partials)
+    def __call__(self, chain: _Chain, score: Tensor, step: int, z: Tensor | None) -> Tensor:
+        _ls._norms_into(score, z, chain.seed, chain.counter, chain.sample_offset, self.partials)
         sums = torch.sum(self.partials, dim=1, out=self.sums)  # (N, 2): |g|^2, |z|^2
-        if self.batch:
-            # The ratio of the batch means of the norms is the ratio of their sums (torch.mean would allocate).
-            sums.sqrt_()
-            torch.sum(sums, dim=0, out=self.norm_sums)
-            torch.div(self.norm_sums[1:], self.norm_sums[:1], out=self.ratio)
-            self.ratio.square_()
-            self.eps.copy_(self.ratio.expand_as(self.eps))
-        else:
-            torch.div(sums[:, 1], sums[:, 0], out=self.eps)
+        # The ratio of the batch means of the norms is the ratio of their sums (torch.mean would allocate).
+        sums.sqrt_()
+        torch.sum(sums, dim=0, out=self.norm_sums)
+        torch.div(self.norm_sums[1:], self.norm_sums[:1], out=self.ratio)
+        self.ratio.square_()
+        self.eps.copy_(self.ratio.expand_as(self.eps))
         self.eps.mul_(self.scale[step])
         torch.add(self.eps, self.eps, out=self.root)
         self.root.sqrt_()
@@ -600,6 +753,7 @@ def pc_sampler(
     n_corrector_steps: int = 1,
     denoise: bool = True,
     seed: int | None = None,
+    noise=None,
     eps: float | None = None,
     probability_flow: bool = False,
     batch_norm_step: bool = False,
@@ -611,7 +765,7 @@ def pc_sampler(
     intermediate_every: int = 1,
     sample_offset: int = 0,
 ):
-    r"""score_sde's predictor-corrector sampler (reference/ncsn_reference.md §5.3).
+    r"""score_sde's predictor-corrector sampler (score_sde's ``get_pc_sampler``).
 
     ``score_fn(x, t)`` with ``t`` a float (N,) tensor of times; ``sde`` a :class:`fastscore.sde.VESDE`,
     :class:`~fastscore.sde.VPSDE` or :class:`~fastscore.sde.subVPSDE` (its ``N`` is the number of time
@@ -621,13 +775,30 @@ def pc_sampler(
     - ``predictor``: ``euler_maruyama``, ``reverse_diffusion``, ``ancestral`` (VE and VP only, as score_sde)
       or ``none``; ``probability_flow=True`` makes the first two deterministic steps of the probability
       flow ODE.
-    - ``corrector``: ``langevin`` (step :math:`2\alpha_i(\mathrm{snr}\,\|z\|/\|g\|)^2`, per sample unless
-      ``batch_norm_step=True``), ``ald`` (step :math:`2\alpha_i(\mathrm{snr}\,\sigma(t))^2`, the ncsn rule)
-      or ``none``.
+    - ``corrector``: ``langevin``, ``ald`` or ``none``. Both Langevin correctors step
+      :math:`x \leftarrow x + \epsilon g + \sqrt{2\epsilon} z` with score_sde's :math:`\alpha_i` (1 for VE,
+      :math:`1 - \beta_i` for VP and sub-VP). ``ald`` (score_sde's ``AnnealedLangevinDynamics``, the ncsn
+      rule): :math:`\epsilon_i = 2\alpha_i(\mathrm{snr}\, s(t_i))^2` with :math:`s(t)` the perturbation std
+      at t (``sde.marginal_prob``). ``langevin``, by default, takes the same step: score_sde's
+      ``LangevinCorrector`` rule :math:`\epsilon = 2\alpha_i(\mathrm{snr}\,\|z\|/\|g\|)^2` with the norms of
+      the noise and the score replaced by their expected values, :math:`E\|z\|^2 / E\|g\|^2 = s(t)^2` for
+      data of small spread (derivation: ``_expected_norm_steps``). The step does not depend on the state,
+      so the chain samples the right distribution in every dimension and each sample is independent of
+      its batch. ``batch_norm_step=True`` uses score_sde's rule itself, with the batch means of the
+      per-sample norms (one step for the whole batch: score_sde's results, but a sample depends on the
+      batch it is in). A step computed from each sample's own norms is not offered: a state-dependent step
+      without a Metropolis correction samples a distorted law (for a Gaussian in D dims, variances
+      inflated by about (D + 2) / D).
     - ``eps``: the last time (default: 1e-5 for VE, 1e-3 otherwise, as score_sde's configs);
       ``denoise``: return the last predictor's mean.
     - ``x_init``: an initial batch (not modified) instead of the prior draw, which is otherwise made from
       ``seed`` with the counter-based generator on ``device`` in ``dtype``.
+    - ``noise``: where the normals come from: ``None`` (the counter-based generator keyed by ``seed``), a
+      ``torch.Generator`` or a callable ``noise(shape, dtype, device) -> Tensor`` (module docstring). With
+      a generator the prior is ``torch.randn(shape, generator=noise)`` times the prior std, then every
+      corrector and predictor step draws ``torch.randn_like(x, generator=noise)`` in score_sde's order
+      (after the score, except the Euler-Maruyama predictor, which draws before it; the probability-flow
+      predictors draw too and multiply the draw by 0, as score_sde's).
     """
     _callable(score_fn)
     if not isinstance(sde, sde_lib.SDE):
@@ -657,7 +828,8 @@ def pc_sampler(
             raise ValueError(f"shape: expected a non-empty (N, ...) shape with at least 2 dims, got {shape}")
         if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             raise TypeError(f"dtype: expected a floating dtype, got {dtype}")
-    seed, sample_offset = _seed_and_offset(seed, sample_offset, shape)
+    outside = _outside_noise(noise)
+    seed, sample_offset = _seed_and_offset(seed, sample_offset, shape, outside)
 
     ts, idx = _time_grid(sde, eps)
     with torch.no_grad():
@@ -665,23 +837,24 @@ def pc_sampler(
             x = _start(x0)
         else:
             x = torch.empty(shape, dtype=dtype, device=device)
-            _ls._randn(x, seed, _ls._wrap(_PRIOR_COUNTER), sample_offset)
+            if outside is None:
+                _ls._randn(x, seed, _ls._wrap(_PRIOR_COUNTER), sample_offset)
+            else:
+                x.copy_(outside.draw(shape, dtype, x.device))
             x.mul_(sde.prior_std)
-        chain = _Chain(x, seed, sample_offset, return_intermediates, every)
+        chain = _Chain(x, seed, sample_offset, return_intermediates, every, outside)
         N = chain.N
         t_buf = torch.empty(N, dtype=x.dtype if x.dtype == torch.float64 else torch.float32, device=x.device)
         pred_rows = (
             chain.rows(_predictor_table(sde, predictor, ts, idx, probability_flow)) if predictor != "none" else []
         )
-        alphas = _corrector_alpha(sde, idx)
-        if corrector == "ald":
-            _, std = sde.marginal_prob(
-                torch.zeros(len(ts), 1, dtype=torch.float64), torch.tensor(ts, dtype=torch.float64)
-            )
-            steps = [(snr * s) ** 2 * 2.0 * a for s, a in zip(std.tolist(), alphas)]
-            corr_rows = chain.rows([_langevin_row(e) for e in steps])
-        elif corrector == "langevin":
-            corr_steps = _CorrectorSteps(chain, snr, alphas, batch_norm_step)
+        batch_steps = corrector == "langevin" and batch_norm_step
+        if corrector != "none":
+            alphas = _corrector_alpha(sde, idx)
+            if batch_steps:
+                corr_steps = _BatchNormSteps(chain, snr, alphas)
+            else:
+                corr_rows = chain.rows([_langevin_row(e) for e in _expected_norm_steps(sde, ts, alphas, snr)])
         n_corr = 0 if corrector == "none" else n_corrector_steps
         x_mean = torch.empty_like(x) if denoise and predictor != "none" else None
         bar = _Progress(len(ts), progress, "pc sampler")
@@ -690,9 +863,14 @@ def pc_sampler(
                 t_buf.fill_(t)
                 for _ in range(n_corr):
                     score = chain.score(score_fn(x, t_buf))
-                    coef = corr_rows[i] if corrector == "ald" else corr_steps(chain, score, i)
-                    chain.update(score, coef)
+                    if batch_steps:
+                        z = chain.noise()
+                        chain.update(score, corr_steps(chain, score, i, z), z=z)
+                    else:
+                        chain.update(score, corr_rows[i])
                 if predictor != "none":
+                    if predictor == "euler_maruyama":
+                        chain.draw()  # score_sde's Euler-Maruyama predictor draws its noise before the score
                     score = chain.score(score_fn(x, t_buf))
                     last = i == len(ts) - 1
                     chain.update(score, pred_rows[i], x_mean=x_mean if last else None)

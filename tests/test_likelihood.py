@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+from fastscore._ode import NonFiniteError
 from fastscore._ode import ode_sampler
 from fastscore.likelihood import bits_per_dim
 from fastscore.likelihood import dequantization_offset
@@ -60,6 +61,19 @@ class Gaussian:
 
 
 G = Gaussian()
+
+
+def budgeted(score_fn, budget=60):
+    """score_fn that raises AssertionError on call number budget + 1; .calls counts the calls."""
+
+    def fn(x, t):
+        fn.calls += 1
+        if fn.calls > budget:
+            raise AssertionError(f"the solver kept calling score_fn ({budget} calls) instead of stopping")
+        return score_fn(x, t)
+
+    fn.calls = 0
+    return fn
 
 
 @pytest.mark.parametrize("name", list(SDES))
@@ -158,13 +172,17 @@ def test_bits_per_dim():
         (dict(rtol=-1.0), ValueError, "rtol"),
         (dict(method="dopri8"), ValueError, "method"),
         (dict(per_sample="yes"), TypeError, "per_sample"),
+        (dict(score_fn=lambda x, t: -x[:, :1]), ValueError, "score_fn"),  # would broadcast
+        (dict(score_fn=lambda x, t: -x.float()), TypeError, "score_fn"),
+        (dict(x=torch.tensor([[0.0, 1.0, math.nan, 0.0]], dtype=F64)), ValueError, r"x: expected finite"),
+        (dict(x=torch.tensor([[0.0, 1.0, 0.0, 0.0], [math.inf] * 4], dtype=F64)), ValueError, r"sample\(s\) \[1\]"),
     ],
 )
 def test_log_likelihood_bad_arguments(kwargs, error, match):
     sde = VPSDE()
     x = G.sample(3)
     before = x.clone()
-    args = dict(score_fn=G.score_fn(sde), sde=sde, x=x)
+    args = dict(score_fn=budgeted(G.score_fn(sde)), sde=sde, x=x)
     args.update(kwargs)
     with pytest.raises(error, match=match):
         log_likelihood(args.pop("score_fn"), args.pop("sde"), args.pop("x"), **args)
@@ -226,14 +244,95 @@ def test_ode_sampler_seed_denoise_and_start():
         (dict(x_init=torch.ones(3, D)), ValueError, "x_init"),
         (dict(seed="a"), TypeError, "seed"),
         (dict(atol=-1), ValueError, "atol"),
+        (dict(score_fn=lambda x, t: -x[:, :1]), ValueError, "score_fn"),  # would broadcast
+        (dict(x_init=torch.full((2, D), math.nan)), ValueError, "x_init: expected finite"),
+        (dict(noise=1.5), TypeError, "noise"),
     ],
 )
 def test_ode_sampler_bad_arguments(kwargs, error, match):
     sde = VPSDE()
-    args = dict(score_fn=G.score_fn(sde), sde=sde)
+    args = dict(score_fn=budgeted(G.score_fn(sde)), sde=sde)
     args.update(kwargs)
     with pytest.raises(error, match=match):
         ode_sampler(args.pop("score_fn"), args.pop("sde"), (2, D), **args)
+
+
+def test_ode_sampler_prior_from_a_generator():
+    """noise=generator: the start is score_sde's prior_sampling draw, torch.randn(shape) times the prior std."""
+    sde = VESDE()
+    score = G.score_fn(sde)
+    got = ode_sampler(score, sde, (3, D), rtol=1e-4, atol=1e-4, noise=torch.Generator().manual_seed(4))
+    start = torch.randn((3, D), generator=torch.Generator().manual_seed(4)) * sde.prior_std
+    want = ode_sampler(score, sde, (3, D), rtol=1e-4, atol=1e-4, x_init=start)
+    assert torch.equal(got, want)
+    state = torch.get_rng_state()
+    ode_sampler(score, sde, (3, D), rtol=1e-4, atol=1e-4, noise=torch.Generator().manual_seed(4))
+    assert torch.equal(torch.get_rng_state(), state)  # no seed drawn from torch's generator
+
+
+def test_every_sampler_and_estimator_checks_the_score_the_same_way():
+    """A score of the wrong shape (here (N, 1) for (N, D) data, which would broadcast) is the same error,
+    with the same message, from every sampler and from the likelihood."""
+    from fastscore import sampling
+
+    sde = VPSDE(N=25)
+    x = G.sample(3).float()
+    wrong_t = lambda x, t: -x[:, :1]  # noqa: E731
+    calls = {
+        "pc_sampler": lambda: sampling.pc_sampler(wrong_t, sde, (3, D), seed=0),
+        "ode_sampler": lambda: ode_sampler(wrong_t, sde, (3, D), seed=0),
+        "log_likelihood": lambda: log_likelihood(wrong_t, sde, x, seed=0),
+        "langevin": lambda: sampling.langevin(lambda x: -x[:, :1], x, step_size=0.1, n_steps=2, seed=0),
+        "annealed_langevin": lambda: sampling.annealed_langevin(wrong_t, x, [1.0], n_steps_each=2, step_lr=0.1),
+        "annealed_langevin_inpainting": lambda: sampling.annealed_langevin_inpainting(wrong_t, x, x, x > 0, [1.0]),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError) as info:
+            call()
+        assert str(info.value) == f"score_fn: returned shape (3, 1), expected x's shape (3, {D})", name
+
+
+# ---- non-finite values stop the solver within a step ---------------------------------------------------------
+# The solver used to loop forever on these (t became NaN and the minimum-step test never fired): the score
+# functions are budgeted, so a solver that does not stop fails the test quickly instead of hanging it.
+
+
+def test_nan_score_stops_ode_sampler_within_one_step():
+    sde = VPSDE()
+    score = budgeted(lambda x, t: x * math.nan)
+    with pytest.raises(
+        NonFiniteError, match=r"score_fn: returned NaN or Inf at t = \[1.0, 1.0\] for sample\(s\) \[0, 1\]"
+    ):
+        ode_sampler(score, sde, (2, D), seed=0)
+    assert score.calls <= 2  # the initial evaluations, before any step
+
+    def late(x, t):  # sample 1's score turns NaN once t < 0.5
+        out = -x / 2
+        return torch.where((t < 0.5)[:, None] & (torch.arange(x.shape[0])[:, None] == 1), math.nan, out)
+
+    score = budgeted(late, budget=2000)
+    with pytest.raises(NonFiniteError, match="score_fn: returned NaN or Inf") as info:
+        ode_sampler(score, sde, (2, D), seed=0, per_sample=False, rtol=1e-3, atol=1e-3)
+    assert info.value.samples == [1] and 0.0 < info.value.t[0] < 0.5
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_inputs_and_divergence_stop_log_likelihood(bad):
+    sde = VESDE()
+    x = G.sample(3)
+    x[1, 2] = bad
+    score = budgeted(G.score_fn(sde))
+    with pytest.raises(ValueError, match=r"x: expected finite values, got NaN or Inf in sample\(s\) \[1\]"):
+        log_likelihood(score, sde, x, seed=0)
+    assert score.calls == 0
+    # score_fn finite, its Jacobian not: sqrt(|x|) at x = 0
+    score = budgeted(lambda x, t: -torch.sqrt(x.abs()))
+    with pytest.raises(NonFiniteError, match="log_likelihood: the divergence estimate became NaN or Inf"):
+        log_likelihood(score, sde, torch.zeros(2, D, dtype=F64), seed=0)
+    assert score.calls <= 2
+    score = budgeted(lambda x, t: G.score_fn(sde)(x, t) * (bad if float(t.min()) < 0.5 else 1.0), budget=5000)
+    with pytest.raises(NonFiniteError, match=r"score_fn: returned NaN or Inf at t = .* \(log_likelihood\)"):
+        log_likelihood(score, sde, G.sample(2), seed=0, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("mode, n_probes", [("reverse", 3), ("forward", 1)])

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fastscore._ode import METHODS
+from fastscore._ode import NonFiniteError
 from fastscore._ode import solve_ivp
 
 scipy_integrate = pytest.importorskip("scipy.integrate")
@@ -144,6 +145,34 @@ def test_blow_up_raises_step_too_small():
     assert ref.status == -1
     with pytest.raises(RuntimeError, match="step size fell below"):
         solve_ivp(lambda t, y: y**2, (0.0, 2.0), torch.ones(1, 1, dtype=F64))
+
+
+def test_non_finite_fn_or_y0_stops_within_one_step_attempt():
+    """A NaN or Inf from fn used to make t NaN and loop forever; it must stop the step attempt it appears
+    in. fn refuses to be called more than 60 times, so a solver that does not stop fails quickly."""
+    calls = []
+
+    def fn(t, y):
+        calls.append(1)
+        assert len(calls) <= 60, "the solver kept calling fn instead of stopping"
+        return torch.where(t[:, None] > 0.3, math.inf, -y)
+
+    y0 = torch.ones(3, 2, dtype=F64)
+    with pytest.raises(NonFiniteError, match=r"fn returned NaN or Inf for sample\(s\) \[0, 1, 2\]") as info:
+        solve_ivp(fn, (0.0, 1.0), y0)
+    assert info.value.samples == [0, 1, 2] and all(0.3 < t <= 1.0 for t in info.value.t)
+    n_before = len(calls)
+    calls.clear()
+    with pytest.raises(NonFiniteError):
+        solve_ivp(fn, (0.0, 1.0), y0, per_sample=False)
+    assert len(calls) <= n_before + len(METHODS["RK45"].C)
+    calls.clear()
+    with pytest.raises(NonFiniteError, match=r"at t = \[0.0, 0.0\]"):
+        solve_ivp(lambda t, y: fn(t, y) * math.nan, (0.0, 1.0), y0[:2])
+    assert len(calls) == 1  # the first evaluation: no step is tried
+    y0[1, 0] = math.nan
+    with pytest.raises(ValueError, match=r"y0: expected finite values, got NaN or Inf in sample\(s\) \[1\]"):
+        solve_ivp(fn, (0.0, 1.0), y0)
 
 
 def _fn(t, y):
