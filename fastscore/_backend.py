@@ -7,15 +7,16 @@ Every op in fastscore/ops has up to four implementations that must agree:
           interpreter (TRITON_INTERPRET=1, only when forced: that is how CI checks them)
   cuda    CUDA C++ kernels in fastscore._C (csrc/cuda), when built with a CUDA torch
 
-Choice, per call: a backend forced by ``use_backend(...)`` or ``FASTSCORE_BACKEND`` is used or the
-call fails saying how to get it; otherwise CPU tensors use cpp, CUDA tensors the op's preferred
-order (from its benchmark), and if none of those can run, ref with a one-time warning. The choice
-never changes results beyond floating-point rounding.
+Choice, per call: a backend forced by ``use_backend(...)`` (in this thread) or ``FASTSCORE_BACKEND``
+(process-wide) is used or the call fails saying how to get it; otherwise CPU tensors use cpp, CUDA
+tensors the op's preferred order (from its benchmark), and if none of those can run, ref with a
+one-time warning. The choice never changes results beyond floating-point rounding.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import importlib.util
 import os
@@ -107,22 +108,39 @@ def cpp_kernels() -> list[str]:
     return sorted(n.split("::")[1] for n in names if torch._C._dispatch_has_kernel_for_dispatch_key(n, "CPU"))
 
 
+_capability_lock = threading.Lock()
+_capability_blocks: list[tuple[object, str]] = []  # the use_cpu_capability blocks open now, oldest first
+_capability_before: list[str] = []  # the level before the first of them was entered
+
+
 @contextlib.contextmanager
 def use_cpu_capability(name: str):
-    """Run the C++ CPU kernels' copy for level `name` inside the block (process-wide; for tests and benches).
+    """Run the C++ CPU kernels' copy for level `name` inside the block (for tests and benches).
 
-    A level the CPU cannot run raises ValueError.
+    **Process-wide, unlike use_backend**: the level is one setting of fastscore._C (a C++ global, set by
+    ``fastscore_C::set_cpu_capability`` and read by every kernel call in every thread), so while the block
+    runs, C++ CPU kernels called from *any* thread run level `name`. Results do not depend on the level
+    beyond floating-point rounding. Blocks may nest and overlap across threads: the level is that of the
+    most recently entered block still open, and the level from before the first block comes back when the
+    last one closes. A level the CPU cannot run raises ValueError.
     """
     if name not in CPU_CAPABILITIES:
         raise ValueError(f"name: expected one of {', '.join(CPU_CAPABILITIES)}, got {name!r}")
     if name not in supported_cpu_capabilities():
         raise ValueError(f"name: this CPU cannot run {name} (it supports {', '.join(supported_cpu_capabilities())})")
-    before = cpu_capability()
-    torch.ops.fastscore_C.set_cpu_capability(name)
+    block = (object(), name)
+    with _capability_lock:
+        if not _capability_blocks:
+            _capability_before[:] = [cpu_capability()]
+        _capability_blocks.append(block)
+        torch.ops.fastscore_C.set_cpu_capability(name)
     try:
         yield
     finally:
-        torch.ops.fastscore_C.set_cpu_capability(before)
+        with _capability_lock:
+            _capability_blocks.remove(block)
+            level = _capability_blocks[-1][1] if _capability_blocks else _capability_before[0]
+            torch.ops.fastscore_C.set_cpu_capability(level)
 
 
 def _has_kernel(cpp_op: str, dispatch_key: str) -> bool:
@@ -226,8 +244,12 @@ def cache_stats() -> dict:
 
 # ---- what is chosen ------------------------------------------------------------------------------
 
-_forced_stack: list[str] = []  # process-wide: backward may run on autograd's worker threads
-_forced_lock = threading.Lock()
+# use_backend's choice lives in a context variable: each thread (and each asyncio task) has its own, so
+# a block in one thread does not change which backend another thread's ops use. FASTSCORE_BACKEND is
+# read from the environment: process-wide. Autograd may run a backward on its own worker threads (one
+# per CUDA device), which do not see the forward's context: the ops' autograd Functions record the
+# override in force at the forward (override()) and run their backward under it (forcing()).
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastscore_use_backend", default=None)
 _warned: set[tuple[str, str]] = set()
 
 
@@ -237,29 +259,59 @@ def _check_name(name: str, what: str) -> str:
     return name
 
 
+def override() -> str | None:
+    """The backend the innermost use_backend block of this thread (context) forces, or None."""
+    return _override.get()
+
+
+class forcing:
+    """Context manager: run the block with this thread's use_backend override set to `name` (None: no
+    override), the previous one restored after. For backward passes: ``forcing(override())`` recorded at
+    the forward makes the backward choose as the forward did, on whichever thread autograd runs it."""
+
+    __slots__ = ("name", "token")
+
+    def __init__(self, name: str | None):
+        self.name, self.token = name, None
+
+    def __enter__(self):
+        if _override.get() != self.name:
+            self.token = _override.set(self.name)
+
+    def __exit__(self, *exc):
+        if self.token is not None:
+            _override.reset(self.token)
+            self.token = None
+
+
 def forced_backend() -> str | None:
-    """The backend forced by use_backend (innermost) or FASTSCORE_BACKEND, or None."""
-    with _forced_lock:
-        if _forced_stack:
-            return _forced_stack[-1]
+    """The backend forced by this thread's innermost use_backend block or else by FASTSCORE_BACKEND, or None."""
+    name = _override.get()
+    if name is not None:
+        return name
     env = os.environ.get("FASTSCORE_BACKEND", "").strip()
     return _check_name(env, "FASTSCORE_BACKEND") if env else None
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Force every fastscore op inside the block to use backend `name` (ref, cpp, triton or cuda).
+    """Force every fastscore op that runs inside the block, in this thread, to use backend `name` (ref, cpp,
+    triton or cuda).
 
-    An op whose forced backend cannot run raises BackendUnavailableError saying why and how to get it.
+    Per thread: the choice is a context variable (contextvars), so other threads, and asyncio tasks
+    other than the one that entered the block, keep their own choice (``FASTSCORE_BACKEND``, the
+    process-wide setting, or the default). A thread started inside the block starts without it (as
+    ``threading.Thread`` does with every context variable) unless it runs in a copy of this context
+    (``contextvars.copy_context().run``). In eager mode the backward of an op run inside the block uses
+    the same backend, whichever thread autograd runs it on. Blocks nest; the innermost wins. An op whose
+    forced backend cannot run raises BackendUnavailableError saying why and how to get it.
     """
     _check_name(name, "name")
-    with _forced_lock:
-        _forced_stack.append(name)
+    token = _override.set(name)
     try:
         yield
     finally:
-        with _forced_lock:
-            _forced_stack.pop()
+        _override.reset(token)
 
 
 def select(op: str, device: torch.device, *, cpp_op: str, cuda_order: tuple[str, ...] = ("cuda", "triton")) -> str:
@@ -292,8 +344,11 @@ def select(op: str, device: torch.device, *, cpp_op: str, cuda_order: tuple[str,
 
 
 def under_functorch_transform() -> bool:
-    """Is a torch.func transform (jvp, vmap, grad) active? Private torch API, pinned by the op tests."""
-    return torch._C._functorch.peek_interpreter_stack() is not None
+    """Is a torch.func transform (jvp, vmap, grad) active? Private torch API, pinned by the op tests.
+
+    ``isinstance``, not ``is None``: torch.compile wraps the interpreter (or None) in an object that is never
+    ``None``, so ``is None`` would send every compiled op to its reference; its isinstance sees the value."""
+    return not isinstance(torch._C._functorch.peek_interpreter_stack(), type(None))
 
 
 def eager_inference(*tensors) -> bool:

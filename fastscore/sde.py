@@ -274,6 +274,10 @@ class _LinearBetaSDE(SDE):
         super().__init__(N)
         self.beta_0, self.beta_1 = beta_min, beta_max
         self.discrete_betas = torch.linspace(beta_min / self.N, beta_max / self.N, self.N)
+        # Both SDEs use the discrete betas as probabilities: VP's DDPM update and sqrt(alpha_i), and the
+        # Langevin / ALD correctors' alpha_i = 1 - beta_i (sub-VP too), which must stay positive.
+        if self.discrete_betas.max().item() >= 1.0:
+            raise ValueError(f"beta_max: beta_max / N = {self.beta_1 / self.N} must be below 1 (discrete betas)")
         self.alphas = 1.0 - self.discrete_betas
 
     def _args(self) -> dict:
@@ -328,8 +332,6 @@ class VPSDE(_LinearBetaSDE):
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
         self.sqrt_alphas_cumprod = torch.sqrt(self.alphas_cumprod)
         self.sqrt_1m_alphas_cumprod = torch.sqrt(1.0 - self.alphas_cumprod)
-        if self.discrete_betas.max().item() >= 1.0:
-            raise ValueError(f"beta_max: beta_max / N = {self.beta_1 / self.N} must be below 1 (discrete betas)")
 
     def diffusion_coef(self, t):
         b = self.beta(t)

@@ -33,7 +33,12 @@ def base(backend: str) -> str:
 
 @contextlib.contextmanager
 def use(backend: str):
-    """fastscore.use_backend(base(backend)), with the CPU capability the name asks for."""
+    """fastscore.use_backend(base(backend)), with the CPU capability the name asks for.
+
+    The backend is forced in this thread only (use_backend is per thread); the capability is
+    process-wide (use_cpu_capability: one setting of the C++ kernels), so while a "cpp@<level>" block
+    runs, C++ kernels called from any thread run that level. Results agree across levels up to rounding.
+    """
     name, _, level = backend.partition("@")
     with fastscore.use_backend(name), use_cpu_capability(level) if level else contextlib.nullcontext():
         yield

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import threading
 import warnings
 
 import pytest
@@ -224,3 +225,133 @@ def test_info_names_the_capability_of_every_kernel_and_a_bad_setting_is_one_line
     assert done.stderr.strip().splitlines() == [
         "fastscore info: error: FASTSCORE_CPU_CAPABILITY: expected one of avx512, avx2, default, got 'sse9'"
     ]
+
+
+# ---- use_backend is per thread; FASTSCORE_BACKEND and the CPU capability are process-wide -----------------
+
+
+def _in_thread(fn):
+    """fn() run on a new thread; its result, or the exception it raised, re-raised here."""
+    result = {}
+
+    def run():
+        try:
+            result["value"] = fn()
+        except BaseException as exc:  # handed to the caller
+            result["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, result
+
+
+def _joined(thread, result):
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def test_use_backend_in_one_thread_leaves_other_threads_alone():
+    x = torch.randn(2, 3, 4, 4)
+    gamma = torch.rand(3) + 0.5
+    barrier = threading.Barrier(2, timeout=30)
+
+    def forcing(name):
+        def body():
+            with fastscore.use_backend(name):
+                barrier.wait()  # both threads are inside their blocks...
+                seen = _backend.forced_backend()
+                barrier.wait()  # ...until both have looked
+            return seen
+
+        return body
+
+    def plain():
+        barrier.wait()
+        seen = _select()
+        out = cond_instance_norm(x, gamma)  # a CPU op while the other thread forces cuda
+        barrier.wait()
+        return seen, out
+
+    threads = [_in_thread(forcing("cuda")), _in_thread(plain)]
+    assert _joined(*threads[0]) == "cuda"
+    seen, out = _joined(*threads[1])
+    assert seen == "cpp"
+    torch.testing.assert_close(out, fastscore.ops.cond_instance_norm_ref(x, gamma), rtol=1e-5, atol=1e-5)
+
+    # two overrides at once: each thread sees its own, and the main thread none
+    threads = [_in_thread(forcing("ref")), _in_thread(forcing("cpp"))]
+    assert [_joined(*t) for t in threads] == ["ref", "cpp"]
+    assert _select() == "cpp" and _backend.override() is None
+
+
+def test_the_environment_variable_is_process_wide_and_use_backend_overrides_it_per_thread(monkeypatch):
+    monkeypatch.setenv("FASTSCORE_BACKEND", "ref")
+    barrier = threading.Barrier(2, timeout=30)
+
+    def overriding():
+        with fastscore.use_backend("cpp"):
+            barrier.wait()
+            seen = _select()
+            barrier.wait()
+        return seen
+
+    def plain():
+        barrier.wait()
+        seen = _select()
+        barrier.wait()
+        return seen
+
+    threads = [_in_thread(overriding), _in_thread(plain)]
+    assert [_joined(*t) for t in threads] == ["cpp", "ref"]
+
+
+def test_backward_uses_the_backend_of_its_forward_on_any_thread(monkeypatch):
+    """Autograd runs CUDA backward passes on its own threads: they must choose as the forward did."""
+    chosen = []
+    select = _backend.select
+
+    def spy(op, device, **kwargs):
+        chosen.append(select(op, device, **kwargs))
+        return chosen[-1]
+
+    monkeypatch.setattr(_backend, "select", spy)
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    with fastscore.use_backend("ref"):
+        y = fastscore.ops.elu(x)
+        assert chosen == ["ref"]
+        # the backward on another thread, which has no override of its own, while this one still has it
+        (grad,) = _joined(*_in_thread(lambda: torch.autograd.grad(y.sum(), x)))
+    assert chosen == ["ref", "ref"]
+    torch.testing.assert_close(grad, torch.where(x > 0, 1.0, x.detach().exp()))
+
+
+def test_cpu_capability_blocks_overlapping_across_threads_restore_the_level_before_them():
+    """The level is process-wide (one C++ setting): blocks in two threads that open and close out of
+    order leave the level of the newest open block, and the one from before them at the end."""
+    before = fastscore.cpu_capability()
+    others = [c for c in _backend.supported_cpu_capabilities() if c != before]
+    if not others:
+        pytest.skip("this CPU runs a single level")
+    a_level, b_level = others[0], others[-1] if len(others) > 1 else before
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+
+    def a():
+        with _backend.use_cpu_capability(a_level):
+            a_in.set()
+            assert b_in.wait(timeout=30)
+        a_out.set()
+
+    def b():
+        assert a_in.wait(timeout=30)
+        with _backend.use_cpu_capability(b_level):
+            b_in.set()
+            assert a_out.wait(timeout=30)
+            return fastscore.cpu_capability()  # a's block, opened first, closed first
+
+    threads = [_in_thread(a), _in_thread(b)]
+    _joined(*threads[0])
+    assert _joined(*threads[1]) == b_level
+    assert fastscore.cpu_capability() == before

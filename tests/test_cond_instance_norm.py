@@ -370,6 +370,8 @@ def test_bad_tensor_arguments_name_the_argument(case):
         ({"act": 1}, "act: expected None or 'elu'"),
         ({"eps": 0.0}, "eps: expected a positive number"),
         ({"eps": "1e-5"}, "eps: expected a positive number"),
+        ({"eps": float("inf")}, "eps: expected a positive number finite in float32"),
+        ({"eps": 1e300}, "eps: expected a positive number finite in float32"),  # inf in the float32 kernels
         ({"out": torch.empty(2, 4, 3, 4)}, "out: expected shape"),
         ({"out": torch.empty(2, 4, 3, 3, dtype=torch.float64)}, "out: expected shape .* and dtype"),
         ({"out": torch.empty(2, 3, 3, 4).permute(0, 3, 1, 2)}, "out: expected a contiguous tensor"),
@@ -390,6 +392,20 @@ def test_out_refuses_autograd():
     x = args["x"].requires_grad_()
     with pytest.raises(ValueError, match="out: writing into a preallocated tensor is not differentiable"):
         cond_instance_norm(x, args["gamma"], out=torch.empty_like(x))
+
+
+def test_out_that_requires_grad_is_not_overwritten_in_grad_mode():
+    """As torch refuses an in-place write to a leaf that requires grad: out=parameter is an error in grad
+    mode (it was overwritten behind autograd's back), and allowed under no_grad, as torch allows it."""
+    args = _good()
+    x, gamma = args["x"], args["gamma"]
+    out = torch.nn.Parameter(torch.zeros_like(x))
+    with pytest.raises(ValueError, match="out: a leaf tensor that requires grad cannot be overwritten"):
+        cond_instance_norm(x, gamma, out=out)
+    assert not out.detach().any(), "out was written by a refused call"
+    with torch.no_grad():
+        cond_instance_norm(x, gamma, out=out)
+    torch.testing.assert_close(out.detach(), cond_instance_norm_ref(x, gamma), rtol=1e-5, atol=1e-5)
 
 
 def test_nan_propagates_to_its_sample_only():

@@ -241,6 +241,18 @@ def test_out_refuses_a_differentiable_input():
     torch.testing.assert_close(out, F.elu(x.detach()), rtol=2e-6, atol=1e-7)
 
 
+def test_out_that_requires_grad_is_not_overwritten_in_grad_mode():
+    """As torch refuses an in-place write to a leaf that requires grad (and out= with such an argument)."""
+    x = make_x((2, 3, 4, 4), torch.float32)
+    out = torch.zeros_like(x, requires_grad=True)
+    with pytest.raises(ValueError, match="out: a leaf tensor that requires grad cannot be overwritten"):
+        elu(x, out=out)
+    assert not out.detach().any(), "out was written by a refused call"
+    with torch.no_grad():
+        elu(x, out=out)  # under no_grad torch allows it too
+    torch.testing.assert_close(out.detach(), F.elu(x), rtol=2e-6, atol=1e-7)
+
+
 def test_out_refuses_forward_mode_tangents():
     import torch.autograd.forward_ad as fwAD
 

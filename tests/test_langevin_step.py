@@ -526,6 +526,31 @@ BAD = {
         ValueError,
         "step_size: expected non-negative",
     ),
+    "step tensor inf": (
+        lambda a: a.update(step_size=torch.tensor([math.inf, 0.1])),
+        ValueError,
+        "step_size: expected non-negative finite values",
+    ),
+    "step tensor overflows x's dtype": (  # a float64 1e300 was inf in the float32 update
+        lambda a: a.update(step_size=torch.tensor([1e300, 0.1], dtype=torch.float64)),
+        ValueError,
+        r"step_size: expected non-negative finite values of at most 1\.70141e\+38",
+    ),
+    "step tensor 2 step overflows": (  # finite in float32, but sqrt(2 step) is not
+        lambda a: a.update(step_size=torch.tensor([3e38, 0.1])),
+        ValueError,
+        "step_size and 2 \\* step_size must be finite in float32",
+    ),
+    "step float overflows x's dtype": (
+        lambda a: a.update(step_size=1e300),
+        ValueError,
+        "step_size: expected a non-negative finite number of at most",
+    ),
+    "step float overflows float16 x": (
+        lambda a: a.update(x=a["x"].half(), score=a["score"].half(), step_size=1e5),
+        ValueError,
+        "step_size must be finite in float16, x's dtype",
+    ),
     "step tensor integer": (
         lambda a: a.update(step_size=torch.ones(2, dtype=torch.long)),
         TypeError,
@@ -623,6 +648,74 @@ def test_refuses_autograd_and_runs_under_no_grad():
         langevin_corrector_step_(x, score, 0.1, seed=1)
     with torch.no_grad():
         langevin_step_(x, score, 0.1, seed=1)
+
+
+def test_per_sample_scales_must_be_finite_in_the_dtype_of_the_update():
+    x, score = make((2, 3, 4, 4), torch.float32)
+    before = x.clone()
+    with pytest.raises(ValueError, match="snr: expected non-negative finite values"):
+        langevin_corrector_step_(x, score, torch.tensor([math.inf, 0.1]), seed=1)
+    with pytest.raises(ValueError, match="alpha: expected non-negative finite values"):
+        langevin_corrector_step_(x, score, 0.1, alpha=torch.tensor([1.0, math.inf]), seed=1)
+    with pytest.raises(ValueError, match="x_scale: expected finite values .*not finite in float32"):
+        sde_update_(x, score, x_scale=torch.tensor([1e300, 1.0], dtype=torch.float64), score_scale=0.1, noise_scale=0.1)
+    with pytest.raises(ValueError, match="score_scale: expected a finite number .*not finite in float32"):
+        sde_update_(x, score, score_scale=1e300, noise_scale=0.1)
+    assert torch.equal(x, before)
+    # float64 x updates in float64: the same values are fine there
+    x64, score64 = make((2, 3), torch.float64)
+    sde_update_(x64, score64, score_scale=1e300, noise_scale=0.0, noise=torch.zeros_like(x64))
+    langevin_step_(x64, torch.zeros_like(x64), 1e300, noise=torch.zeros_like(x64))
+
+
+def test_x_mean_that_requires_grad_is_not_overwritten_in_grad_mode():
+    """As torch refuses an in-place write to a leaf that requires grad in grad mode (and allows it under
+    no_grad): x_mean=parameter was overwritten behind autograd's back."""
+    x, score = make((2, 3, 4, 4), torch.float32)
+    calls = {
+        "corrector": lambda x, m: langevin_corrector_step_(x, score, 0.1, seed=1, x_mean=m),
+        "sde_update": lambda x, m: sde_update_(x, score, score_scale=0.1, noise_scale=0.1, seed=1, x_mean=m),
+    }
+    for name, call in calls.items():
+        x_mean = torch.zeros_like(x, requires_grad=True)
+        state = x.clone()
+        with pytest.raises(ValueError, match="x_mean: a leaf tensor that requires grad cannot be overwritten"):
+            call(state, x_mean)
+        assert torch.equal(state, x) and not x_mean.detach().any(), f"{name}: a refused call wrote"
+        with torch.no_grad():
+            call(state, x_mean)
+        assert x_mean.detach().any(), f"{name}: x_mean not written under no_grad"
+
+
+def test_one_seed_rule_for_the_references_and_the_fused_ops():
+    """numpy integers are Python ints everywhere; bools and floats are refused everywhere."""
+    np = pytest.importorskip("numpy")
+    from fastscore.data import toy_sample
+    from fastscore.ops.hutchinson import make_probes
+
+    x, score = make((2, 3), torch.float32)
+    noise_of = {
+        "counter_randn_ref": lambda seed: counter_randn_ref((2, 3), seed=seed, counter=np.uint64(2)),
+        "counter_randn": lambda seed: counter_randn((2, 3), seed=seed, counter=np.uint64(2)),
+        "langevin_step_ref": lambda seed: langevin_step_ref(x, score, 0.1, seed=seed),
+        "langevin_step_": lambda seed: langevin_step_(x.clone(), score, 0.1, seed=seed),
+        "langevin_corrector_step_ref": lambda seed: langevin_corrector_step_ref(x, score, 0.1, seed=seed)[0],
+        "langevin_corrector_step_": lambda seed: langevin_corrector_step_(x.clone(), score, 0.1, seed=seed),
+        "sde_update_ref": lambda seed: sde_update_ref(x, score, score_scale=0.1, noise_scale=0.1, seed=seed)[0],
+        "sde_update_": lambda seed: sde_update_(x.clone(), score, score_scale=0.1, noise_scale=0.1, seed=seed),
+        "make_probes": lambda seed: make_probes(x, 2, "gaussian", seed=seed),
+        "toy_sample": lambda seed: toy_sample("moons", 4, seed=seed),
+    }
+    for name, noise in noise_of.items():
+        want = noise(3)
+        for seed in (np.int64(3), np.uint64(3), np.int32(3)):
+            assert torch.equal(noise(seed), want), f"{name}: seed {seed!r} is not the int 3"
+        for seed in (True, 3.0, np.float64(3.0), torch.tensor(3)):
+            with pytest.raises(TypeError, match="seed: expected an integer"):
+                noise(seed)
+        for seed in (-1, np.int64(-1), 2**64):
+            with pytest.raises(ValueError, match="seed: expected an integer in"):
+                noise(seed)
 
 
 # ---- custom ops: opcheck and torch.compile ---------------------------------------------------------------

@@ -121,6 +121,18 @@ def test_a_malformed_cap_names_the_variable():
     assert "FASTSCORE_CPU_CACHE_MB: expected a non-negative whole number of MiB, got 'lots'" in bad.stderr
 
 
+def test_a_cap_whose_byte_count_overflows_is_refused():
+    """2^44 MiB is 2^64 bytes: wrapped, it turned the cache off; larger values lifted the cap silently."""
+    largest = (2**63 - 1) >> 20  # MiB: the byte count must fit the int64 cache_stats reports
+    for mb in (str(2**44), str(largest + 1), "99999999999999999999"):
+        bad = _run(PROBE, FASTSCORE_CPU_CACHE_MB=mb)
+        assert bad.returncode != 0, f"{mb} MiB was accepted: {bad.stdout}"
+        assert f"FASTSCORE_CPU_CACHE_MB: '{mb}' MiB overflows a 64-bit byte count" in bad.stderr, bad.stderr
+    ok = _run(PROBE, FASTSCORE_CPU_CACHE_MB=str(largest))
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.split()[1] == str(largest << 20)
+
+
 def test_a_forked_child_uses_the_cache_it_inherits():
     """A forked child (multiprocessing, DataLoader workers) works on its own copy of the cache."""
     x = torch.randn(BIG)

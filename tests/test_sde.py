@@ -123,6 +123,8 @@ def test_reverse_sde_and_probability_flow():
         ("sigma_min", lambda: sde_lib.VESDE(sigma_min=-1.0)),
         ("beta_max", lambda: sde_lib.VPSDE(beta_min=1.0, beta_max=0.5)),
         ("beta_max", lambda: sde_lib.VPSDE(N=10)),
+        ("beta_max", lambda: sde_lib.subVPSDE(N=10)),  # beta_max / N >= 1: 1 - beta_i (the correctors' alpha) <= 0
+        ("beta_max", lambda: sde_lib.subVPSDE(beta_min=0.1, beta_max=20.0, N=20)),  # exactly 1
         ("t", lambda: sde_lib.VPSDE().sde(torch.ones(3, 2), torch.ones(2))),
         ("t", lambda: sde_lib.VPSDE().marginal_prob(torch.ones(3, 2), torch.ones(3, dtype=torch.long))),
         ("x", lambda: sde_lib.VESDE().discretize([1.0], torch.ones(1))),

@@ -21,8 +21,12 @@
 #include <c10/core/CPUAllocator.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cerrno>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <list>
 #include <mutex>
 #include <new>
@@ -52,13 +56,23 @@ void advise_huge_pages(void* ptr, size_t bytes) {
 #endif
 }
 
+// The cap in MiB, as bytes. The byte count must fit both size_t and int64 (cache_stats reports it as an
+// int64): a larger value is refused rather than wrapped, which would silently lift the cap or turn the
+// cache off (2^44 MiB is 2^64 bytes, i.e. 0).
 size_t cap_from_env() {
   const char* v = std::getenv("FASTSCORE_CPU_CACHE_MB");
   if (v == nullptr || *v == '\0') return size_t(1024) << 20;
+  constexpr unsigned long long kMaxBytes =
+      std::min<unsigned long long>(std::numeric_limits<int64_t>::max(), std::numeric_limits<size_t>::max());
+  constexpr long long kMaxMb = static_cast<long long>(kMaxBytes >> 20);
   char* end = nullptr;
+  errno = 0;
   const long long mb = std::strtoll(v, &end, 10);
+  const bool out_of_range = errno == ERANGE;  // strtoll saturates at LLONG_MIN / LLONG_MAX
   TORCH_CHECK_VALUE(end != v && *end == '\0' && mb >= 0,
                     "FASTSCORE_CPU_CACHE_MB: expected a non-negative whole number of MiB, got '", v, "'");
+  TORCH_CHECK_VALUE(!out_of_range && mb <= kMaxMb, "FASTSCORE_CPU_CACHE_MB: '", v,
+                    "' MiB overflows a 64-bit byte count; expected a whole number of MiB from 0 to ", kMaxMb);
   return size_t(mb) << 20;
 }
 

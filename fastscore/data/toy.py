@@ -18,18 +18,19 @@ import numbers
 import torch
 from torch import Tensor
 
+from fastscore.ops import _checks
+
 __all__ = ["GaussianMixture", "ncsn_toy_mixture", "toy_sample", "TOY_DATASETS"]
 
 TOY_DATASETS = ("gmm", "moons", "swissroll", "checkerboard", "rings")
 
 
 def _generator(seed) -> torch.Generator | None:
+    seed = _checks.seed(seed)  # fastscore's one rule for seeds: None or an integer in [0, 2^64), numpy's too
     if seed is None:
         return None
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"seed: expected a non-negative integer or None, got {seed!r}")
     g = torch.Generator()
-    g.manual_seed(int(seed))
+    g.manual_seed(seed)
     return g
 
 

@@ -6,6 +6,8 @@ strides), so they cost no device sync and trace under torch.compile.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import Tensor
 
@@ -16,6 +18,33 @@ def tensor(t, name: str) -> Tensor:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     return t
+
+
+def integer(v, name: str, low: int, high: int) -> int:
+    """v as a Python int in [low, high), else a clear error naming it.
+
+    An int or a numpy integer (anything with ``__index__``) is accepted; a bool, a float or a tensor is a
+    TypeError, a value out of range a ValueError.
+    """
+    if isinstance(v, (bool, Tensor)):
+        raise TypeError(f"{name}: expected an integer, got {type(v).__name__}")
+    try:
+        v = operator.index(v)
+    except TypeError:
+        raise TypeError(f"{name}: expected an integer, got {type(v).__name__}") from None
+    if not low <= v < high:
+        raise ValueError(f"{name}: expected an integer in [{low}, {high}), got {v}")
+    return v
+
+
+SEED_END = 1 << 64  # seeds (and counters) are 64-bit words: [0, 2^64)
+
+
+def seed(v, name: str = "seed") -> int | None:
+    """The one rule for seeds everywhere (fused ops, references, samplers, estimators): None, or an integer
+    in [0, 2^64) -- an int or a numpy integer, returned as a Python int. Bools, floats and tensors are a
+    TypeError, integers out of range a ValueError."""
+    return None if v is None else integer(v, name, 0, SEED_END)
 
 
 def floating(t: Tensor, name: str) -> Tensor:
@@ -65,8 +94,24 @@ def supported_layout(x: Tensor) -> Tensor:
     return x.contiguous()
 
 
+def overwritable(out: Tensor, name: str) -> Tensor:
+    """A tensor an op may write into behind autograd's back: not one that requires grad while grad mode is on.
+
+    Torch refuses the same (an in-place write to a leaf that requires grad, or ``out=`` with an argument
+    that requires grad, in grad mode); under ``torch.no_grad()`` both are allowed, as they are in torch.
+    """
+    if out.requires_grad and torch.is_grad_enabled():
+        kind = "a leaf tensor" if out.is_leaf else "a tensor"
+        raise ValueError(
+            f"{name}: {kind} that requires grad cannot be overwritten while grad mode is on (autograd would not "
+            "see the write; torch refuses it too): call under torch.no_grad(), or pass a tensor that does not "
+            "require grad"
+        )
+    return out
+
+
 def output(out, x: Tensor, name: str = "out") -> Tensor:
-    """A preallocated result: same shape, dtype, device and memory layout as x."""
+    """A preallocated result: same shape, dtype, device and memory layout as x, that may be overwritten."""
     tensor(out, name)
     if out.shape != x.shape or out.dtype != x.dtype:
         raise ValueError(
@@ -77,4 +122,4 @@ def output(out, x: Tensor, name: str = "out") -> Tensor:
     if not out.is_contiguous(memory_format=fmt):
         layout = "channels_last" if fmt == torch.channels_last else "contiguous"
         raise ValueError(f"{name}: expected a {layout} tensor (the layout of x)")
-    return out
+    return overwritable(out, name)

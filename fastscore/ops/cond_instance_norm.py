@@ -284,7 +284,18 @@ class _CondInstanceNormFn(torch.autograd.Function):
 
 
 class _CondInstanceNormFnJvp(_CondInstanceNormFn):
-    """Adds forward-mode AD on the fused jvp kernel (eager only: see the public function)."""
+    """Adds forward-mode AD on the fused jvp kernel (eager only: see the public function), and runs the
+    backward under the use_backend override of the forward: autograd may run it on another thread."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _CondInstanceNormFn.setup_context(ctx, inputs, output)
+        ctx.backend = _backend.override()
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_mean, _grad_rstd):
+        with _backend.forcing(ctx.backend):
+            return _CondInstanceNormFn.backward(ctx, grad_out, _grad_mean, _grad_rstd)
 
     @staticmethod
     def jvp(ctx, x_t, gamma_t, alpha_t, beta_t, _eps_t, _act_t):
@@ -323,7 +334,9 @@ def cond_instance_norm(
     every channel sees the channel means), as in the original; inputs are not scanned for them.
 
     ``out``: write the result into this preallocated tensor (same shape, dtype and layout as ``x``;
-    may be ``x`` itself) instead of a new one. Not differentiable; inference only.
+    may be ``x`` itself) instead of a new one. Not differentiable; inference only: in grad mode, an ``out``
+    that requires grad is refused (torch refuses to overwrite such a tensor too). ``eps`` > 0 must be
+    finite in the compute dtype.
     """
     act_name = _ACTS.get(act) if isinstance(act, str) or act is None else None
     if act_name is None:
@@ -332,6 +345,11 @@ def cond_instance_norm(
     N, C = x.shape[:2]
     if not isinstance(eps, (float, int)) or isinstance(eps, bool) or not eps > 0:
         raise ValueError(f"eps: expected a positive number, got {eps!r}")
+    if not eps <= torch.finfo(acc_dtype(x.dtype)).max:  # inf, or a value the kernels' compute dtype rounds to inf
+        raise ValueError(
+            f"eps: expected a positive number finite in {str(acc_dtype(x.dtype)).removeprefix('torch.')} (the dtype "
+            f"x's statistics are computed in), got {eps!r}"
+        )
     params = {"gamma": gamma, "alpha": alpha, "beta": beta}
     for name, p in params.items():
         if p is not None or name == "gamma":

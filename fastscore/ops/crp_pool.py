@@ -183,7 +183,18 @@ class _CrpPoolFn(torch.autograd.Function):
 
 
 class _CrpPoolFnJvp(_CrpPoolFn):
-    """Adds forward-mode AD on the fused jvp kernel (eager only: see the public function)."""
+    """Adds forward-mode AD on the fused jvp kernel (eager only: see the public function), and runs the
+    backward under the use_backend override of the forward: autograd may run it on another thread."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _CrpPoolFn.setup_context(ctx, inputs, output)
+        ctx.backend = _backend.override()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        with _backend.forcing(ctx.backend):
+            return _CrpPoolFn.backward(ctx, grad_out)
 
     @staticmethod
     def jvp(ctx, x_t, _mode_t):

@@ -207,7 +207,18 @@ class _EluFn(torch.autograd.Function):
 
 
 class _EluFnJvp(_EluFn):
-    """Adds forward-mode AD on the fused jvp kernel (eager only: see the public function)."""
+    """Adds forward-mode AD on the fused jvp kernel (eager only: see the public function), and runs the
+    backward under the use_backend override of the forward: autograd may run it on another thread."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _EluFn.setup_context(ctx, inputs, output)
+        ctx.backend = _backend.override()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        with _backend.forcing(ctx.backend):
+            return _EluFn.backward(ctx, grad_out)
 
     @staticmethod
     def jvp(ctx, x_t):
@@ -226,7 +237,7 @@ def _check_out(out, x: Tensor) -> Tensor:
             f"out: expected shape {tuple(x.shape)} and dtype {x.dtype} (as x), got {tuple(out.shape)} {out.dtype}"
         )
     _checks.same_device(out, "out", x)
-    return out
+    return _checks.overwritable(out, "out")
 
 
 def _forward_mode_active(x: Tensor) -> bool:
@@ -252,8 +263,8 @@ def elu(x: Tensor, *, out: Tensor | None = None) -> Tensor:
 
     ``out``: write the result into this preallocated tensor (``x``'s shape, dtype and device; any
     layout, ``x``'s is fastest) instead of a new one. ``out=x`` is the in-place ELU. Not
-    differentiable; inference only (an error when ``x`` requires grad under grad mode, carries a
-    forward-mode tangent, or a torch.func transform is active).
+    differentiable; inference only (an error when ``x`` or ``out`` requires grad under grad mode, ``x``
+    carries a forward-mode tangent, or a torch.func transform is active).
     """
     _checks.floating(_checks.tensor(x, "x"), "x")
     if out is not None:

@@ -146,6 +146,12 @@ def counter_randn_ref(
     shape = tuple(int(s) for s in shape)
     N = shape[0]
     D = math.prod(shape[1:])
+    # the rule of every seed (fastscore.ops._checks.seed): numpy integers are Python ints, bools and floats refused
+    seed = _checks.seed(seed)
+    if seed is None:
+        raise TypeError("seed: expected an integer, got None (counter_randn_ref draws no seed)")
+    counter = _integer(counter, "counter", 0, _U64)
+    sample_offset = _integer(sample_offset, "sample_offset", 0, 2**63)
     e0 = sample_offset * D
     total = N * D
     if total == 0:
@@ -243,6 +249,7 @@ def langevin_step_ref(
     in float32 (float64 for float64 x) with :math:`\sqrt{2\epsilon}` rounded once, in the same order as
     the kernels. ``seed=None`` with no ``noise`` draws a seed from torch's default generator.
     """
+    seed = _checks.seed(seed)
     if seed is None and noise is None:
         seed = _draw_seed()
     coef = _langevin_coef(step_size, x.shape[0], acc_dtype(x.dtype), x.device)
@@ -276,7 +283,7 @@ def langevin_corrector_step_ref(
     snr,
     *,
     alpha=1.0,
-    per_sample: bool = True,
+    per_sample: bool = False,
     noise: Tensor | None = None,
     seed: int | None = None,
     counter: int = 0,
@@ -295,6 +302,7 @@ def langevin_corrector_step_ref(
     ``snr``, ``alpha``: floats or (N,) tensors. Norms and :math:`\epsilon` in float64, the update in the
     compute dtype. A sample with :math:`\|g\| = 0` gets an infinite step, as in score_sde.
     """
+    seed = _checks.seed(seed)
     if seed is None and noise is None:
         seed = _draw_seed()
     z = _noise_for(x, noise, seed, counter, sample_offset)
@@ -327,6 +335,7 @@ def sde_update_ref(
     r"""The generic predictor update of :func:`sde_update_` in plain PyTorch; returns ``(x_new, x_mean)``:
     :math:`x_{mean} = a x + b s`, :math:`x = x_{mean} + c z` with per-sample ``x_scale`` a,
     ``score_scale`` b, ``noise_scale`` c (floats or (N,) tensors)."""
+    seed = _checks.seed(seed)
     if seed is None and noise is None:
         seed = _draw_seed()
     coef = _sde_coef(x_scale, score_scale, noise_scale, x.shape[0], acc_dtype(x.dtype), x.device)
@@ -522,26 +531,15 @@ def _draw_seed() -> int:
     return int(torch.randint(2**63 - 1, (), dtype=torch.int64).item())
 
 
-def _integer(v, name: str, low: int, high: int) -> int:
-    """v as a Python int in [low, high), else a clear error naming it."""
-    if isinstance(v, bool) or isinstance(v, Tensor):
-        raise TypeError(f"{name}: expected an integer, got {type(v).__name__}")
-    try:
-        v = operator.index(v)
-    except TypeError:
-        raise TypeError(f"{name}: expected an integer, got {type(v).__name__}") from None
-    if not low <= v < high:
-        raise ValueError(f"{name}: expected an integer in [{low}, {high}), got {v}")
-    return v
+_integer = _checks.integer  # v as a Python int in [low, high) (numpy integers too), else an error naming it
 
 
 def _key(seed, counter, sample_offset, N: int, D: int, draw: bool = True) -> tuple[int, int, int]:
     """Validated (seed, counter, sample_offset), seed drawn when None (0 when ``draw`` is False: the noise is
     given, the seed unused); seed and counter wrapped to int64."""
+    seed = _checks.seed(seed)
     if seed is None:
         seed = _draw_seed() if draw else 0
-    else:
-        seed = _integer(seed, "seed", 0, _U64)
     counter = _integer(counter, "counter", 0, _U64)
     sample_offset = _integer(sample_offset, "sample_offset", 0, 2**63)
     if (sample_offset + N) * D > _U64:
@@ -593,9 +591,15 @@ def _no_grad_needed(name: str, *tensors) -> None:
         )
 
 
-def _per_sample(v, name: str, x: Tensor, *, nonneg: bool) -> object:
-    """A float, or an (N,) (or 0-d) float tensor on x's device; checked >= 0 when nonneg."""
+def _per_sample(v, name: str, x: Tensor, *, nonneg: bool, limit: tuple[float, str] | None = None) -> object:
+    """A float, or an (N,) (or 0-d) float tensor on x's device: finite, >= 0 when nonneg, and at most
+    ``limit = (bound, why)`` in magnitude -- by default the largest finite value of the compute dtype, since
+    the coefficients are computed in it (a float64 1e300 would become inf in float32)."""
     N = x.shape[0]
+    if limit is None:
+        acc = acc_dtype(x.dtype)
+        limit = (torch.finfo(acc).max, f"larger values are not finite in {_dtype_name(acc)}, the dtype of x's update")
+    bound, why = limit
     if isinstance(v, Tensor):
         _checks.floating(v, name)
         if v.shape not in ((N,), ()):
@@ -604,16 +608,35 @@ def _per_sample(v, name: str, x: Tensor, *, nonneg: bool) -> object:
             )
         _checks.same_device(v, name, x)
         if _value_checks():
-            ok = (v >= 0).all() if nonneg else torch.isfinite(v).all()
-            if not bool(ok):
-                raise ValueError(f"{name}: expected {'non-negative' if nonneg else 'finite'} values, got {v.tolist()}")
+            w = v.detach().to(torch.float64)
+            ok = torch.isfinite(w) & (w.abs() <= bound)
+            if nonneg:
+                ok &= w >= 0
+            if not bool(ok.all()):
+                kind = "non-negative finite" if nonneg else "finite"
+                raise ValueError(f"{name}: expected {kind} values of at most {bound:.6g} ({why}), got {v.tolist()}")
         return v.detach()
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise TypeError(f"{name}: expected a float or a tensor of shape ({N},), got {type(v).__name__}")
     v = float(v)
-    if not math.isfinite(v) or (nonneg and v < 0):
-        raise ValueError(f"{name}: expected a {'non-negative ' if nonneg else ''}finite number, got {v}")
+    if not math.isfinite(v) or (nonneg and v < 0) or abs(v) > bound:
+        kind = "non-negative finite" if nonneg else "finite"
+        raise ValueError(f"{name}: expected a {kind} number of at most {bound:.6g} ({why}), got {v}")
     return v
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _step_limit(x: Tensor) -> tuple[float, str]:
+    """The largest Langevin step: finite in x's dtype, with 2 step finite in the compute dtype (sqrt(2 step))."""
+    acc = acc_dtype(x.dtype)
+    bound = min(torch.finfo(x.dtype).max, torch.finfo(acc).max / 2)
+    d, a = _dtype_name(x.dtype), _dtype_name(acc)
+    if x.dtype == acc:
+        return bound, f"step_size and 2 * step_size must be finite in {d}, x's dtype"
+    return bound, f"step_size must be finite in {d}, x's dtype, and 2 * step_size in {a}, the dtype of its update"
 
 
 def _mask_known(mask, known, x: Tensor, fmt: torch.memory_format):
@@ -709,7 +732,9 @@ def langevin_step_(
       (N, D) -- and dtype (float16, bfloat16, float32, float64; arithmetic in float32, float64 for
       float64). x must be contiguous or channels_last (it is never copied); a ``score`` (or ``noise``) in
       another layout is copied into x's.
-    - ``step_size`` :math:`\epsilon \ge 0`: a float, or an (N,) tensor (one step per sample).
+    - ``step_size`` :math:`\epsilon \ge 0`: a float, or an (N,) tensor (one step per sample); finite, and
+      small enough that :math:`\epsilon` is finite in x's dtype and :math:`2\epsilon` in the compute dtype
+      (inf, NaN or e.g. 1e300 for float32 x is an error naming it: it would make the update inf).
     - ``z``: ``noise`` when given (x's shape and dtype; the result then equals :func:`langevin_step_ref`
       up to float rounding), else generated from ``(seed, counter)`` and each element's global index
       ``(sample_offset + n) * D + i``: exactly ``counter_randn(x.shape, seed=seed, counter=counter,
@@ -726,7 +751,7 @@ def langevin_step_(
     fmt = _state(x)
     score = _like_x(score, "score", x, fmt)
     _no_grad_needed("langevin_step_", x, score, noise)
-    step_size = _per_sample(step_size, "step_size", x, nonneg=True)
+    step_size = _per_sample(step_size, "step_size", x, nonneg=True, limit=_step_limit(x))
     if noise is not None:
         noise = _like_x(noise, "noise", x, fmt)
     mask, known = _mask_known(mask, known, x, fmt)
@@ -745,7 +770,7 @@ def langevin_corrector_step_(
     snr,
     *,
     alpha=1.0,
-    per_sample: bool = True,
+    per_sample: bool = False,
     noise: Tensor | None = None,
     seed: int | None = None,
     counter: int = 0,
@@ -759,15 +784,20 @@ def langevin_corrector_step_(
         x_{mean} = x + \epsilon g, \quad x \leftarrow x_{mean} + \sqrt{2\epsilon}\, z
 
     with :math:`\|g\|`, :math:`\|z\|` the L2 norms of each sample's score and noise over all non-batch
-    dims. ``per_sample=True`` (the default) gives each sample its own step; ``per_sample=False``
-    reproduces score_sde's ``LangevinCorrector``, which uses the **batch means** of the norms (one step
-    for the whole batch, so a sample's update depends on its batch). ``snr`` > 0 and ``alpha`` (score_sde's
-    :math:`\alpha_i = 1 - \beta_i` for VP / sub-VP SDEs, 1 for VE) are floats or (N,) tensors.
+    dims. ``per_sample=False`` (the default) reproduces score_sde's ``LangevinCorrector``, which uses the
+    **batch means** of the norms (one step for the whole batch, so a sample's update depends on its batch).
+    ``per_sample=True`` gives each sample the step of its own norms; a step that depends on the current
+    state, without a Metropolis correction, samples a wider distribution (the variance grows by about
+    (D + 2) / D in D dimensions), so :func:`fastscore.sampling.pc_sampler` uses neither by default but a
+    step from the norms' expected values. ``snr`` > 0 and ``alpha`` (score_sde's
+    :math:`\alpha_i = 1 - \beta_i` for VP / sub-VP SDEs, 1 for VE) are floats or (N,) tensors, finite in
+    the compute dtype.
 
     The noise is regenerated from ``(seed, counter)`` in both passes (never stored), as in
     :func:`langevin_step_`, or read from ``noise``. ``x_mean``: a preallocated tensor (x's shape, dtype
-    and layout) that receives :math:`x + \epsilon g` (the corrector's ``x_mean``). Norms and
-    :math:`\epsilon` in float64. A sample with :math:`\|g\| = 0` gets an infinite step, as in score_sde.
+    and layout; not one that requires grad in grad mode) that receives :math:`x + \epsilon g` (the
+    corrector's ``x_mean``). Norms and :math:`\epsilon` in float64. A sample with :math:`\|g\| = 0` gets an
+    infinite step, as in score_sde.
     Shapes, dtypes, layouts and the no-grad rule as :func:`langevin_step_`.
     """
     fmt = _state(x)
@@ -807,7 +837,8 @@ def sde_update_(
     x_{mean} + c z`; returns x.
 
     ``x_scale`` a, ``score_scale`` b, ``noise_scale`` c: floats or (N,) tensors (per sample, e.g. at
-    per-sample times). ``x_mean``: a preallocated tensor (x's shape, dtype, layout) that receives
+    per-sample times), finite in the compute dtype. ``x_mean``: a preallocated tensor (x's shape, dtype,
+    layout; not one that requires grad in grad mode, which torch refuses to overwrite too) that receives
     :math:`x_{mean}` (score_sde's predictors return it; the PC sampler's denoised output is the last one).
     Noise, shapes, dtypes, layouts and the no-grad rule as :func:`langevin_step_`.
 
