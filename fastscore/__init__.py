@@ -1,6 +1,6 @@
 """fastscore: fast layers, samplers and likelihoods for score-based generative models.
 
-Public names: see design/API.md. torch is imported before the compiled extension (fastscore._C),
+Public names: ``__all__`` below and the subpackages. torch is imported before the compiled extension (fastscore._C),
 which registers its kernels with the PyTorch dispatcher when first needed (fastscore._backend).
 """
 
@@ -16,6 +16,7 @@ from fastscore._backend import backends  # noqa: E402
 from fastscore._backend import cpu_capability  # noqa: E402
 from fastscore._backend import empty_cache  # noqa: E402
 from fastscore._backend import use_backend  # noqa: E402
+from fastscore.models import CheckpointError  # noqa: E402
 from fastscore.patch import patch  # noqa: E402
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "empty_cache",
     "use_backend",
     "BackendUnavailableError",
+    "CheckpointError",
     "nn",
     "ops",
     "patch",

@@ -11,6 +11,7 @@ import importlib
 import os
 import pkgutil
 import platform
+import re
 import sys
 
 
@@ -101,13 +102,15 @@ TOY_DATA = ("gmm", "moons", "swissroll", "checkerboard", "rings")
 
 
 def _user_errors():
-    """The exception types that mean "the user's input is wrong": printed as one line, exit status 1."""
+    """The exception types that mean "the user's input is wrong": printed as one line, exit status 1. A NaN or
+    Inf score (a diverged checkpoint) stopping the ODE sampler or the likelihood is one."""
+    from fastscore._ode import NonFiniteError
     from fastscore.data.images import DataError
     from fastscore.models import CheckpointError
     from fastscore.models import ConfigError
     from fastscore.train import TrainError
 
-    return (DataError, CheckpointError, ConfigError, TrainError, FileNotFoundError)
+    return (DataError, CheckpointError, ConfigError, TrainError, FileNotFoundError, NonFiniteError)
 
 
 def _refuse_overwrite(path, force: bool, what: str = "--out") -> None:
@@ -121,6 +124,67 @@ def _parent_exists(path, what: str = "--out") -> None:
         raise CommandError(f"{what} {path!r}: folder {parent!r} does not exist")
 
 
+def _probe_folder(folder: str, what: str, path) -> None:
+    """Refuse, before any work, a folder this process cannot write into (read-only, no permission, a full
+    disk): create a small file in it and remove it again."""
+    import tempfile
+
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".fastscore-probe-", dir=folder)
+    except OSError as exc:
+        raise CommandError(f"{what} {path!r}: cannot write in folder {folder!r} ({exc.strerror or exc})") from None
+    try:
+        os.write(fd, b"\0" * 4096)
+    except OSError as exc:
+        raise CommandError(f"{what} {path!r}: cannot write in folder {folder!r} ({exc.strerror or exc})") from None
+    finally:
+        os.close(fd)
+        os.remove(probe)
+
+
+def _check_output_file(path, force: bool, what: str = "--out") -> None:
+    """An output file: not a folder, not overwritten without --force, in an existing folder we can write."""
+    if os.path.isdir(path):
+        raise CommandError(f"{what} {path!r} is a folder; give the name of a file to write")
+    _refuse_overwrite(path, force, what)
+    _parent_exists(path, what)
+    _probe_folder(os.path.dirname(os.path.abspath(path)), what, path)
+
+
+def _check_output_folder(folder, what: str = "--out") -> str:
+    """An output folder (created later if missing): not a file, and its nearest existing folder writable.
+    Returns that folder."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise CommandError(f"{what} {folder!r} is a file, not a folder")
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise CommandError(f"{what} {folder!r}: {existing!r} is a file, not a folder")
+    _probe_folder(existing, what, folder)
+    return existing
+
+
+def _write_failed(exc: OSError, path) -> CommandError:
+    """An OSError while writing outputs (a full disk, a folder that became read-only) as one line."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    where = f" ({exc.filename})" if exc.filename else ""
+    return CommandError(f"writing {path!r} failed: {reason}{where}; nothing half-written was left there")
+
+
+SEED_MAX = 2**63 - 1
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to {SEED_MAX}, got {text!r}")
+    return value
+
+
 def _set_threads(threads) -> None:
     if threads:
         import torch
@@ -128,29 +192,73 @@ def _set_threads(threads) -> None:
         torch.set_num_threads(threads)
 
 
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _kind(value) -> str:
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "a section"
+    return type(value).__name__
+
+
 def _apply_overrides(config, overrides):
-    """``--set section.key=value`` (value parsed as YAML: numbers, true/false, strings) onto a config."""
+    """``--set section.key=value`` onto a config (a bundled name, a .yml path or a namespace). The value is
+    parsed as YAML (numbers, 1e-3 included, true/false, strings). Refused: a field that is neither in the
+    config nor one fastscore reads, a value fastscore would reject (checked as the config's fields are), or
+    one of another kind than the value it replaces."""
+    import difflib
+
     import yaml
 
+    from fastscore.models import ConfigError
     from fastscore.models import get_config
     from fastscore.models import namespace2dict
+    from fastscore.models.configs import FIELDS
+    from fastscore.models.configs import check_field
     from fastscore.models.configs import dict2namespace
 
     config = namespace2dict(get_config(config))
     for item in overrides or ():
         key, sep, text = item.partition("=")
         parts = key.strip().split(".")
-        if not sep or not all(parts):
+        if not sep or len(parts) < 2 or not all(parts):
             raise CommandError(f"--set {item!r}: expected section.key=value, e.g. model.ema_rate=0.995")
+        path = ".".join(parts)
         node = config
         for part in parts[:-1]:
+            if node.get(part) is None and path in FIELDS:
+                node[part] = {}  # a section this config lacks, for a field fastscore reads
             if not isinstance(node.get(part), dict):
                 raise CommandError(f"--set {item!r}: the config has no section {part!r}")
             node = node[part]
+        name = parts[-1]
+        if name not in node and path not in FIELDS:
+            known = sorted({f"{parts[0]}.{k}" for k in node} | {f for f in FIELDS if f.startswith(f"{parts[0]}.")})
+            close = difflib.get_close_matches(path, known, n=1)
+            hint = f"did you mean {close[0]}?" if close else f"known: {', '.join(known)}"
+            raise CommandError(f"--set {item!r}: the config has no field {path} ({hint})")
         try:
-            node[parts[-1]] = yaml.safe_load(text)
+            value = yaml.safe_load(text)
         except yaml.YAMLError:
             raise CommandError(f"--set {item!r}: cannot parse the value") from None
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-3 as a string
+        try:
+            check_field(path, value)
+        except ConfigError as exc:
+            raise CommandError(f"--set {item!r}: {exc}") from None
+        old = node.get(name)
+        if path not in FIELDS and old is not None and _kind(old) != _kind(value):
+            raise CommandError(f"--set {item!r}: config.{path} holds {_kind(old)} ({old!r}), got {value!r}")
+        node[name] = value
     return dict2namespace(config)
 
 
@@ -188,7 +296,9 @@ def _load_data(name, config, *, seed: int = 0, n: int | None = None):
 
 def _train(args) -> int:
     from fastscore.train import CHECKPOINT_NAME
+    from fastscore.train import check_memory
     from fastscore.train import export_checkpoint
+    from fastscore.train import run_folder
     from fastscore.train import train
 
     _set_threads(args.threads)
@@ -198,45 +308,59 @@ def _train(args) -> int:
         f"{os.path.splitext(os.path.basename(args.data.rstrip('/')))[0]}",
     )
     ckpt = os.path.join(out, CHECKPOINT_NAME)
+    if args.resume and (args.config or args.set):
+        raise CommandError("--resume continues with the run's own config: leave out --config and --set")
     if args.resume and not os.path.isfile(ckpt):
         raise CommandError(f"--resume: no checkpoint {ckpt!r} to continue from")
     if not args.resume and os.path.exists(ckpt) and not args.force:
         raise CommandError(f"checkpoint {ckpt!r} exists; pass --resume to continue it or --force to start over")
     if args.export:
-        _refuse_overwrite(args.export, args.force, what="--export")
-        _parent_exists(args.export, what="--export")
+        _check_output_file(args.export, args.force, what="--export")
+    writing = out
     try:
+        # Everything that can be refused is checked before any work: the config (fields, --set, its memory
+        # estimate) and the output folder (writable, room for a checkpoint); then the run folder is locked.
+        data = None
+        loss, batch_size = args.loss or "dsm", args.batch_size
         if args.resume:
             from fastscore.models.configs import dict2namespace
             from fastscore.train import checkpoint_meta
             from fastscore.train import read_checkpoint
 
-            meta = checkpoint_meta(read_checkpoint(ckpt)) or {}
+            meta = checkpoint_meta(read_checkpoint(ckpt, verify=False)) or {}  # train() verifies it
             config = dict2namespace(meta["config"]) if "config" in meta else None
-            if args.config or args.set:
-                raise CommandError("--resume continues with the run's own config: leave out --config and --set")
+            loss, batch_size = meta.get("loss", loss), batch_size or meta.get("batch_size")
+        elif args.config:
+            config = _apply_overrides(args.config, args.set)
+        elif args.data in TOY_DATA:  # the toy config is made from the data (2-D points, milliseconds)
+            data, config = _load_data(args.data, None, seed=args.seed)
+            config = _apply_overrides(config, args.set)
         else:
-            config = _apply_overrides(args.config, args.set) if args.config else None
-            if config is None and args.set:
-                config = _apply_overrides("demo_digits" if args.data == "digits" else None, args.set)
-        data, config = _load_data(args.data, config, seed=args.seed)
-        print(
-            f"train: {len(data)} examples of shape {tuple(data.shape[1:])} from {args.data!r}; writing {out}/",
-            file=sys.stderr,
-        )
-        result = train(
-            config,
-            data,
-            out,
-            steps=args.steps,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            resume=args.resume,
-            loss=args.loss,
-            snapshot_freq=args.snapshot_freq,
-            data_name=args.data,
-            progress=not args.no_progress,
-        )
+            config = _apply_overrides("demo_digits", args.set) if args.data == "digits" else None
+        params = check_memory(config, loss=loss, batch_size=batch_size) if config is not None else None
+        existing = _check_output_folder(out)
+        if params is not None:
+            _check_free_space(existing, out, params, config)
+        with run_folder(out):
+            if data is None:
+                data, config = _load_data(args.data, config, seed=args.seed)
+            print(
+                f"train: {len(data)} examples of shape {tuple(data.shape[1:])} from {args.data!r}; writing {out}/",
+                file=sys.stderr,
+            )
+            result = train(
+                config,
+                data,
+                out,
+                steps=args.steps,
+                batch_size=args.batch_size,
+                seed=args.seed,
+                resume=args.resume,
+                loss=args.loss,
+                snapshot_freq=args.snapshot_freq,
+                data_name=args.data,
+                progress=not args.no_progress,
+            )
         print(
             f"trained to step {result.step} in {result.seconds:.0f} s; final loss {result.loss:.4g}; "
             f"checkpoint {result.checkpoint}"
@@ -244,11 +368,33 @@ def _train(args) -> int:
         if result.samples:
             print(f"samples: {result.samples[-1]}")
         if args.export:
+            writing = args.export
             size = export_checkpoint(result.checkpoint, args.export)
             print(f"exported the EMA weights (float16) to {args.export} ({size / 1e6:.1f} MB)")
     except _user_errors() as exc:
         raise CommandError(str(exc)) from None
+    except OSError as exc:
+        raise _write_failed(exc, writing) from None
     return 0
+
+
+def _check_free_space(folder: str, out, params: int, config) -> None:
+    """Refuse a run whose checkpoint cannot fit on the disk of ``folder`` (weights, optimizer moments, EMA)."""
+    from fastscore.models.configs import field
+    from fastscore.train import human_bytes
+
+    moments = 2 if field(config, "optim.optimizer", "any", "Adam") == "Adam" else 1
+    need = 4 * params * (1 + moments + (1 if field(config, "model.ema", "any", False) else 0))
+    try:
+        stat = os.statvfs(folder)
+    except (OSError, AttributeError):
+        return
+    free = stat.f_bavail * stat.f_frsize
+    if free < need:
+        raise CommandError(
+            f"--out {out!r}: its disk has {human_bytes(free)} free, and one checkpoint of this model takes about "
+            f"{human_bytes(need)}"
+        )
 
 
 def _positive_int(text: str) -> int:
@@ -410,6 +556,17 @@ def _load_model(args, layers: str = "fused"):
     return model, config, meta
 
 
+def _compiled(model, compile: bool):
+    """The network, wrapped in torch.compile (one graph: fastscore's layers trace whole) when asked for.
+
+    Compiled once, on the first step; every later step (each noise level or time a tensor) reuses it."""
+    if not compile:
+        return model
+    import torch
+
+    return torch.compile(model, fullgraph=True, dynamic=False)
+
+
 def _sample(args) -> int:
     import numpy as np
     import torch
@@ -419,13 +576,13 @@ def _sample(args) -> int:
     from fastscore.models.configs import field
 
     kind = _output_kind(args.out)
-    _refuse_overwrite(args.out, args.force)
-    _parent_exists(args.out)
+    _check_output_file(args.out, args.force)
     if args.mask and args.sampler != "ald":
         raise CommandError("--mask: inpainting runs annealed Langevin dynamics (--sampler ald)")
     _set_threads(args.threads)
     try:
         model, config, meta = _load_model(args)
+        model = _compiled(model, args.compile)
         toy = field(config, "model.arch", "any", None) == "ScoreMLP"
         if toy and kind == ".png":
             raise CommandError("--out: a 2-D toy model's samples are points: write an .npz")
@@ -448,24 +605,27 @@ def _sample(args) -> int:
         samples, seconds = _timed(lambda: _run_sampler(args, model, config, meta, known, mask))
         print(f"sampled {args.n} with {args.sampler}{' (inpainting)' if mask is not None else ''} in {seconds:.1f} s")
         if args.reference:
-            ref_model, _, _ = _load_model(args, layers="reference")
+            ref_model = _compiled(_load_model(args, layers="reference")[0], args.compile)
             _, ref_seconds = _timed(lambda: _run_sampler(args, ref_model, config, meta, known, mask))
             print(f"reference layers: {ref_seconds:.1f} s; fastscore is {ref_seconds / seconds:.2f}x faster")
     except _user_errors() as exc:
         raise CommandError(str(exc)) from None
-    if kind == ".png":
-        if mask is not None:  # the masked inputs above their completions
-            from fastscore.data.images import inverse_data_transform
+    try:  # atomically: a failed write leaves neither a partial file nor a temporary one
+        if kind == ".png":
+            if mask is not None:  # the masked inputs above their completions
+                from fastscore.data.images import inverse_data_transform
 
-            shown = inverse_data_transform(config, known) * mask + 0.5 * (1 - mask)
-            samples = torch.cat([shown, samples])
-        save_image_grid(args.out, samples, nrow=None if mask is None else min(args.n, 16), scale=2)
-    else:
-        import io
+                shown = inverse_data_transform(config, known) * mask + 0.5 * (1 - mask)
+                samples = torch.cat([shown, samples])
+            save_image_grid(args.out, samples, nrow=None if mask is None else min(args.n, 16), scale=2)
+        else:
+            import io
 
-        buffer = io.BytesIO()
-        np.savez(buffer, samples=samples.float().cpu().numpy())
-        atomic_write_bytes(args.out, buffer.getvalue())
+            buffer = io.BytesIO()
+            np.savez(buffer, samples=samples.float().cpu().numpy())
+            atomic_write_bytes(args.out, buffer.getvalue())
+    except OSError as exc:
+        raise _write_failed(exc, args.out) from None
     print(f"wrote {args.out}")
     return 0
 
@@ -662,30 +822,23 @@ def _demo(args) -> int:
     start = time.perf_counter()
     out_dir = args.out
     targets = [os.path.join(out_dir, name) for name in ("demo_digits.png", "ncsn_toy.png")]
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise CommandError(f"--out {out_dir!r} is a file, not a folder")
+    _check_output_folder(out_dir)
     for target in targets:
+        if os.path.isdir(target):
+            raise CommandError(f"output {target!r} is a folder; move it away or choose another --out")
         _refuse_overwrite(target, args.force, what="output")
-    os.makedirs(out_dir, exist_ok=True)
     _set_threads(args.threads)
     try:
+        os.makedirs(out_dir, exist_ok=True)
         _demo_digits(out_dir, args.quick)
         _demo_toy(out_dir, args.quick)
         _demo_speed(args.quick)
     except _user_errors() as exc:
         raise CommandError(str(exc)) from None
+    except OSError as exc:
+        raise _write_failed(exc, out_dir) from None
     print(f"demo done in {time.perf_counter() - start:.0f} s; images in {out_dir}/")
     return 0
-
-
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
 
 
 def _positive_float(text: str) -> float:
@@ -736,7 +889,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, help="default config.training.batch_size")
     p.add_argument("--out", help="output folder (default runs/<config>-<data>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--seed", type=_nonnegative_int, default=0, help="seed of weights, data order and noise")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of weights, data order and noise")
     p.add_argument("--loss", choices=("dsm", "ssm", "sde"), help="dsm (default), ssm (sliced) or sde (continuous)")
     p.add_argument("--snapshot-freq", type=_positive_int, help="checkpoint + sample grid every N steps")
     p.add_argument(
@@ -759,7 +912,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="the model's config, for checkpoints that carry none (the original repos')")
     p.add_argument("--sampler", choices=SAMPLERS, default="ald", help="ald (default), pc or ode")
     p.add_argument("--n", type=_positive_int, default=64, help="number of samples (default 64)")
-    p.add_argument("--seed", type=_nonnegative_int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed (default 0)")
     p.add_argument("--out", required=True, help="grid.png or samples.npz")
     p.add_argument("--mask", help=f"inpaint: the known part, {', '.join(MASKS)} or a .npy of 0/1")
     p.add_argument("--data", help="images to inpaint (default: the checkpoint's training data)")
@@ -768,6 +921,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sde-steps", type=_positive_int, help="pc: time steps (default max(levels, 100))")
     p.add_argument("--snr", type=_positive_float, default=0.16, help="pc: corrector signal-to-noise ratio")
     p.add_argument("--reference", action="store_true", help="also run on reference layers and print the ratio")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the network first (compiling takes a minute or more)"
+    )
     p.add_argument("--no-ema", action="store_true", help="the raw training weights instead of the EMA ones")
     p.add_argument("--threads", type=_positive_int, help="torch CPU threads")
     p.add_argument("--force", action="store_true", help="overwrite --out")
@@ -787,7 +943,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=_positive_int, default=16, help="number of examples (default 16)")
     p.add_argument("--probes", type=_positive_int, default=1, help="Hutchinson probes per evaluation")
     p.add_argument("--tol", type=_positive_float, default=1e-3, help="ODE rtol = atol (default 1e-3)")
-    p.add_argument("--seed", type=_nonnegative_int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed (default 0)")
     p.add_argument("--no-ema", action="store_true", help="the raw training weights instead of the EMA ones")
     p.add_argument("--threads", type=_positive_int, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -28,10 +28,20 @@ Anything else, and any module whose name matches but whose structure does not, i
 in ``model.fastscore_unpatched`` (``"qualified.name: Class (reason)"``), with one warning per call.
 ``model.fastscore_patched`` lists ``"qualified.name: OriginalClass -> fastscore class"``. Patching again
 is a no-op. Patch before ``torch.compile``-ing or wrapping the model for distributed training.
+
+Copies made from the model's class: ncsnv2's ``EMAHelper.ema_copy`` rebuilds the model as
+``type(model)(model.config)`` and loads its state_dict into the new instance, which would bring back the
+original layers. So the patched root model's class is switched too, to a subclass of its original class
+(same ``__name__``, ``__qualname__`` and ``__module__``; ``isinstance`` against the original still holds)
+whose ``__init__`` runs the original one and then patches the new instance: such copies are patched as
+well. Pickling (``torch.save(model)``, ``copy.deepcopy``) stores the original class and re-applies the
+subclass on loading, so files need no fastscore-made class to be importable. A root that is a torch or
+fastscore class is left as it is (``fastscore.models`` classes build fused layers already).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 import warnings
@@ -273,6 +283,8 @@ def _patch_one(module, name, parent, attr, patched, unpatched) -> None:
         return
     if parent is None or cls_name in _KEPT or _is_library_module(module):
         return
+    if attr == "module" and isinstance(parent, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return  # the model a patched wrapper holds: the root, in effect
     unpatched.append(f"{name}: {cls_name} (not an NCSN / NCSNv2 layer fastscore knows)")
 
 
@@ -286,14 +298,76 @@ def _walk(module, prefix, parent, attr, patched, unpatched, seen) -> None:
         _walk(child, f"{prefix}.{child_attr}" if prefix else child_attr, module, child_attr, patched, unpatched, seen)
 
 
-def patch(model: nn.Module) -> nn.Module:
+# ---- the root model's class: copies built from type(model) are patched too ---------------------------------
+
+_PATCHING: dict[type, type] = {}  # original class -> its self-patching subclass
+
+
+def _patching_class(cls: type) -> type:
+    """The subclass of ``cls`` whose instances patch themselves on construction (one per class, cached)."""
+    if cls in _PATCHING:
+        return _PATCHING[cls]
+    original_init = cls.__init__
+
+    @functools.wraps(original_init)
+    def __init__(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        with warnings.catch_warnings():
+            # the patch() call that made this class already reported what it leaves alone
+            warnings.simplefilter("ignore")
+            patch(self)
+
+    def __reduce_ex__(self, protocol):
+        # Pickle as the original class (importable wherever the model's code is), re-patched on loading.
+        func, args, *rest = cls.__reduce_ex__(self, protocol)
+        return (_new_patched, (cls,), *rest)
+
+    namespace = {
+        "__init__": __init__,
+        "__reduce_ex__": __reduce_ex__,
+        "__module__": cls.__module__,
+        "__qualname__": cls.__qualname__,
+        "__doc__": cls.__doc__,
+        "_fastscore_patching_of": cls,
+    }
+    sub = type(cls)(cls.__name__, (cls,), namespace)
+    _PATCHING[cls] = sub
+    return sub
+
+
+def _new_patched(cls: type):
+    """Unpickling: an empty instance of ``cls``'s self-patching subclass (its state is set next)."""
+    sub = _patching_class(cls)
+    return sub.__new__(sub)
+
+
+def _patch_root_class(model: nn.Module) -> None:
+    root = model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
+    cls = type(root)
+    if "_fastscore_patching_of" in cls.__dict__ or isinstance(root, _FUSED) or _is_library_module(root):
+        return
+    root.__class__ = _patching_class(cls)
+
+
+def patch(model: nn.Module, *, channels_last: bool = False) -> nn.Module:
     """Replace, in place, every NCSN / NCSNv2 layer of ``model`` with fastscore's fused equivalent.
 
     Parameters, buffers, state_dict keys and order and the module objects themselves are kept (each
-    module's class is switched), so optimizers, EMA helpers and checkpoints keep working. Sets
+    module's class is switched), so optimizers, EMA helpers and checkpoints keep working; the root model's
+    class becomes a self-patching subclass of its own, so ``type(model)(config)`` (ncsnv2's
+    ``EMAHelper.ema_copy``) builds a patched model too. Sets
     ``model.fastscore_patched`` (what was replaced) and ``model.fastscore_unpatched`` (unknown modules,
     left alone; one warning lists them). Returns ``model``; patching again changes nothing.
+
+    ``channels_last=True`` also stores the model's 4-D weights in channels_last memory format
+    (``model.to(memory_format=torch.channels_last)``), the layout oneDNN's CPU convolutions run fastest in.
+    Every convolution then returns channels_last, every fused op keeps that layout, and so does the model's
+    output; inputs of either layout work. Convolutions in this layout sum in another order, so results
+    differ from the contiguous model's by float32 rounding (opt-in for that reason). Eager and under
+    ``torch.compile``.
     """
+    if not isinstance(channels_last, bool):
+        raise TypeError(f"channels_last: expected a bool, got {type(channels_last).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, torch.jit.ScriptModule):
@@ -301,9 +375,12 @@ def patch(model: nn.Module) -> nn.Module:
     patched: list[str] = []
     unpatched: list[str] = []
     _walk(model, "", None, None, patched, unpatched, set())
+    _patch_root_class(model)
     previous = model.__dict__.get("fastscore_patched")
     model.fastscore_patched = (list(previous) if isinstance(previous, list) else []) + patched
     model.fastscore_unpatched = unpatched
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     if unpatched:
         shown = "; ".join(unpatched[:5]) + (f"; ... ({len(unpatched) - 5} more)" if len(unpatched) > 5 else "")
         warnings.warn(

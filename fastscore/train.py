@@ -10,12 +10,18 @@ data. Per step, as ermongroup/ncsnv2's ``NCSNRunner.train``: ``data_transform``,
 * ``"sde"``: continuous-time DSM on the VE SDE with ``sigma_min/max = sigma_end/begin`` (score_sde); an
   NCSNv2 network gets the time as score_sde feeds a discrete-label model, ``round((T - t)(L - 1))``.
 
-Checkpoints are ncsnv2's list ``[model_state, optimizer_state, epoch, step, ema_shadow]`` (so
-:func:`fastscore.models.load_checkpoint` and ncsnv2 itself read them) plus a sixth entry, a dict of what
-resuming needs: the random generators' states, the data order of the current epoch and the position in it,
-the config and the data set's name. Every file is written to a temporary name and renamed into place, so
-an interrupted run never leaves a torn checkpoint. Resuming from step k and stopping at n gives bitwise the
-weights of one uninterrupted run to n (same machine, thread count and backend).
+Checkpoints are exactly ncsnv2's list: ``[model_state, optimizer_state, epoch, step]`` plus the EMA shadow
+when EMA is on, model keys with the ``module.`` prefix of ncsnv2's DataParallel wrapper, EMA keys without
+it (as ncsnv2's EMAHelper keeps them), so ncsnv2's runner resumes and samples them and
+:func:`fastscore.models.load_checkpoint` reads them. What resuming needs beyond that (the random generators'
+states, the data order of the current epoch and the position in it, the config, the data set's name) and
+sha256 checksums of every tensor travel in a dict under the key ``"fastscore"`` of the optimizer state,
+which ncsnv2 passes to ``Optimizer.load_state_dict`` and that ignores (see fastscore.models.checkpoints for
+why there). Every file is written to a temporary name, flushed and renamed into place, so an interrupted
+run never leaves a torn checkpoint; temporary files of a killed run are removed by the next run in that
+folder, and a run folder is locked while a run writes it (a second run into it fails at once). Resuming
+from step k and stopping at n gives bitwise the weights of one uninterrupted run to n (same machine, thread
+count and backend).
 
 Randomness: the data order comes from one ``torch.Generator`` (seeded ``seed``), the loss's noise levels
 and noise from another (seeded ``seed + 1``); the model's initial weights from ``torch.manual_seed(seed)``.
@@ -24,11 +30,15 @@ Snapshot sample grids use the samplers' own counter-based noise, so they change 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import operator
 import os
 import sys
+import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 
@@ -38,14 +48,28 @@ from torch import Tensor
 
 from fastscore.data.images import data_transform
 from fastscore.data.images import inverse_data_transform
+from fastscore.data.images import remove_stale_temps
 from fastscore.data.images import save_image_grid
+from fastscore.data.images import temp_name
 from fastscore.models import ConfigError
 from fastscore.models import get_config
 from fastscore.models import get_model
 from fastscore.models import get_sigmas
 from fastscore.models import namespace2dict
+from fastscore.models.checkpoints import META_KEY
+from fastscore.models.checkpoints import CheckpointError
+from fastscore.models.checkpoints import checksums
+from fastscore.models.checkpoints import fastscore_meta
+from fastscore.models.checkpoints import read_torch_file
+from fastscore.models.checkpoints import verify_checksums
+from fastscore.models.configs import check_config
 from fastscore.models.configs import dict2namespace
 from fastscore.models.configs import field
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: run folders are not locked
+    fcntl = None
 
 __all__ = [
     "EMAHelper",
@@ -54,10 +78,16 @@ __all__ = [
     "LOSSES",
     "train",
     "build_model",
+    "model_parameters",
+    "training_memory",
+    "run_folder",
+    "check_memory",
+    "check_seed",
     "toy_config",
     "get_optimizer",
     "save_checkpoint",
     "read_checkpoint",
+    "checkpoint_meta",
     "export_checkpoint",
     "model_from_checkpoint",
     "sample",
@@ -65,7 +95,9 @@ __all__ = [
 
 LOSSES = ("dsm", "ssm", "sde")
 CHECKPOINT_NAME = "checkpoint.pth"
-_FORMAT = "fastscore-train-1"
+LOCK_NAME = ".fastscore-train.lock"
+SEED_MAX = 2**63 - 1
+_FORMAT = "fastscore-train-2"
 
 
 class TrainError(ValueError):
@@ -159,10 +191,7 @@ def toy_config(data: Tensor, *, name: str = "toy") -> object:
     )
 
 
-def build_model(config, *, loss: str = "dsm", layers: str = "fused") -> nn.Module:
-    """The network ``config`` describes: an image model by :func:`fastscore.models.get_model`, or, for
-    ``model.arch: ScoreMLP``, a :class:`fastscore.models.mlp.ScoreMLP` conditioned on the noise level
-    (labels and division by sigma; time for ``loss="sde"``)."""
+def _build(config, loss: str, layers: str) -> nn.Module:
     if field(config, "model.arch", "any", None) == "ScoreMLP":
         from fastscore.models.mlp import ScoreMLP
 
@@ -171,9 +200,108 @@ def build_model(config, *, loss: str = "dsm", layers: str = "fused") -> nn.Modul
         n_layers = field(config, "model.n_layers", "int+", 2, who="ScoreMLP")
         if loss == "sde":
             return ScoreMLP(dim, hidden, n_layers, time_embedding=True)
-        sigmas = get_sigmas(config).cpu()
+        with torch.device("cpu"):  # also when counting on the meta device (model_parameters)
+            sigmas = get_sigmas(config).cpu()
         return ScoreMLP(dim, hidden, n_layers, n_classes=len(sigmas), sigmas=sigmas)
     return get_model(config, layers=layers)
+
+
+def model_parameters(config, *, loss: str = "dsm", layers: str = "fused") -> int:
+    """The number of parameters of the network ``config`` describes, counted without allocating it (built on
+    PyTorch's meta device; the random generators are left as they were). Checks ``config`` first
+    (:func:`fastscore.models.configs.check_config`); :class:`ConfigError` for a config that cannot be built."""
+    config = get_config(config)
+    check_config(config)
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            model = _build(config, loss, layers)
+    except (RuntimeError, OverflowError) as exc:  # e.g. a size whose byte count overflows 64 bits
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"config: the model it describes cannot be built: it is far too large ({reason})") from None
+    return sum(p.numel() for p in model.parameters())
+
+
+def human_bytes(n: float) -> str:
+    """``n`` bytes as a short text: ``'1.2 GB'``."""
+    for unit in ("bytes", "kB", "MB", "GB", "TB", "PB", "EB"):
+        if n < 1000 or unit == "EB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n:.3g} EB"
+
+
+def _memory(device: torch.device) -> tuple[int | None, str]:
+    """(bytes of memory ``device`` has, how to say so), or (None, ...) when unknown."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(device).total_memory, f"GPU {device} has"
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine has"
+    except (ValueError, OSError, AttributeError):
+        return None, ""
+
+
+def _size_fields(config) -> str:
+    if _is_toy(config):
+        return "model.hidden, model.n_layers or training.batch_size"
+    return "model.ngf, data.image_size or training.batch_size"
+
+
+def training_memory(config, *, loss: str = "dsm", batch_size: int | None = None) -> tuple[int, int]:
+    """``(parameters, bytes)``: a low estimate of the memory a training run of ``config`` needs: float32
+    weights, gradients, the optimizer's moments, the EMA shadow and a checkpoint copy (from the parameter
+    count, :func:`model_parameters`) plus a batch's inputs and a fraction of the activations backward keeps
+    (per example ``channels * S^2`` and ``8 ngf S^2`` floats for an image model). Meant to refuse a config
+    that cannot possibly run before anything is allocated, not to predict the peak."""
+    config = get_config(config)
+    params = model_parameters(config, loss=loss)
+    batch_size = batch_size or field(config, "training.batch_size", "int+", who="training")
+    name = field(config, "optim.optimizer", "any", "Adam")
+    moments = (3 if field(config, "optim.amsgrad", "any", False) else 2) if name == "Adam" else 1
+    ema = 1 if field(config, "model.ema", "any", False) else 0
+    state = 4 * params * (3 + moments + ema)  # weights, gradients, checkpoint copy, moments, EMA
+    if _is_toy(config):
+        dim = field(config, "data.dim", "int+", who="ScoreMLP")
+        hidden = field(config, "model.hidden", "int+", 128, who="ScoreMLP")
+        n_layers = field(config, "model.n_layers", "int+", 2, who="ScoreMLP")
+        per_example = 4 * (4 * dim + 2 * hidden * n_layers)
+    else:
+        size = field(config, "data.image_size", "int+", who="training")
+        channels = field(config, "data.channels", "int+", who="training")
+        ngf = field(config, "model.ngf", "int+", who="training")
+        per_example = 4 * size * size * (4 * channels + 8 * ngf)
+    return params, state + batch_size * per_example
+
+
+def check_memory(config, *, loss: str = "dsm", batch_size: int | None = None, device="cpu", training=True) -> int:
+    """:class:`ConfigError` when ``config`` needs more memory than ``device`` has (training: see
+    :func:`training_memory`; else the float32 weights alone); returns the parameter count."""
+    device = torch.device(device)
+    if training:
+        params, need = training_memory(config, loss=loss, batch_size=batch_size)
+        what = "to train"
+    else:
+        params = model_parameters(config, loss=loss)
+        need, what = 4 * params, "for its weights"
+    have, where = _memory(device)
+    if have is not None and need > have:
+        raise ConfigError(
+            f"config: the model ({params:.3g} parameters) needs at least {human_bytes(need)} of memory {what}, "
+            f"and {where} {human_bytes(have)}: lower {_size_fields(config)}"
+        )
+    return params
+
+
+def build_model(config, *, loss: str = "dsm", layers: str = "fused") -> nn.Module:
+    """The network ``config`` describes: an image model by :func:`fastscore.models.get_model`, or, for
+    ``model.arch: ScoreMLP``, a :class:`fastscore.models.mlp.ScoreMLP` conditioned on the noise level
+    (labels and division by sigma; time for ``loss="sde"``).
+
+    The config is checked first (:func:`fastscore.models.configs.check_config`) and the model counted
+    without allocating it: a config whose weights alone exceed this machine's memory raises
+    :class:`ConfigError` instead of exhausting it."""
+    config = get_config(config)
+    check_memory(config, loss=loss, training=False)
+    return _build(config, loss, layers)
 
 
 def get_optimizer(config, parameters) -> torch.optim.Optimizer:
@@ -220,11 +348,17 @@ def _check_data(config, data: Tensor) -> None:
 
 
 def atomic_save(obj, path) -> None:
-    """``torch.save`` to a temporary file in the destination's folder, then ``os.replace`` onto ``path``."""
+    """``torch.save`` to a temporary file in the destination's folder (:func:`fastscore.data.images.temp_name`),
+    flushed to disk, then ``os.replace`` onto ``path``: a reader sees the old file or the new one, never a torn
+    one. A failed write (a full disk, ...) raises ``OSError`` and leaves no temporary file; one that a killed
+    process left is removed by the next run in that folder."""
     path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = temp_name(path)
     try:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -236,65 +370,92 @@ def _plain_state(state: dict) -> dict:
     return {k: v.contiguous() if isinstance(v, Tensor) else v for k, v in state.items()}
 
 
+def _prefixed(state: Mapping) -> dict:
+    """ncsnv2 saves ``nn.DataParallel(model).state_dict()``: every key carries ``module.``."""
+    return {f"module.{k}": v for k, v in state.items()}
+
+
+def _unprefixed(state: Mapping) -> dict:
+    keys = list(state)
+    if keys and all(isinstance(k, str) and k.startswith("module.") for k in keys):
+        return {k[len("module.") :]: v for k, v in state.items()}
+    return dict(state)
+
+
+def _with_meta(states: list, meta: dict) -> list:
+    """``states`` with fastscore's dict (``meta`` plus the checksums of every tensor) under the key
+    ``"fastscore"`` of the optimizer state, ``states[1]``: the one place in ncsnv2's layout that ncsnv2
+    reads without looking at unknown keys (its runner resumes with ``optimizer.load_state_dict(states[1])``,
+    which reads only ``state`` and ``param_groups``; it samples from ``states[0]`` and ``states[-1]``). An
+    extra list entry would become ncsnv2's ``states[-1]``, where it expects the EMA, and a sidecar file
+    could be separated from its checkpoint; see fastscore.models.checkpoints."""
+    meta = dict(meta)
+    meta["checksum"] = checksums(states, resume=meta.get("resume"))
+    states = list(states)
+    states[1] = {**states[1], META_KEY: meta}
+    return states
+
+
 def save_checkpoint(path, model, optimizer, ema, epoch: int, step: int, extra: dict) -> None:
-    """ncsnv2's list layout plus fastscore's resume state, written atomically."""
-    states = [
-        _plain_state(model.state_dict()),
-        optimizer.state_dict(),
-        epoch,
-        step,
-        _plain_state(ema.state_dict()) if ema is not None else None,
-        extra,
-    ]
-    atomic_save(states, path)
+    """ncsnv2's list layout, exactly: ``[model_state (module.-prefixed), optimizer_state, epoch, step]`` plus
+    the EMA shadow when ``ema``; fastscore's resume state ``extra`` and the tensors' checksums go inside the
+    optimizer state (:func:`_with_meta`). Written atomically (:func:`atomic_save`)."""
+    states = [_prefixed(_plain_state(model.state_dict())), optimizer.state_dict(), epoch, step]
+    if ema is not None:
+        states.append(_plain_state(ema.state_dict()))
+    atomic_save(_with_meta(states, extra), path)
 
 
-def read_checkpoint(path) -> list:
-    """The raw checkpoint list (ncsnv2 layout) with tensors on the CPU; :class:`TrainError` if unreadable."""
-    if not os.path.isfile(path):
-        raise TrainError(f"checkpoint {os.fspath(path)!r} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling errors come in many types; all mean "not a checkpoint we can read"
-        raise TrainError(f"checkpoint {os.fspath(path)!r} is not a readable torch checkpoint ({exc})") from None
+def read_checkpoint(path, *, verify: bool = True) -> list:
+    """The raw checkpoint list (ncsnv2 layout) with tensors on the CPU, its checksums verified (``verify``).
+    ``FileNotFoundError`` for a missing file, :class:`CheckpointError` for an unreadable or corrupt one."""
+    ckpt = read_torch_file(path)
+    if verify:
+        verify_checksums(ckpt, f"checkpoint {os.fspath(path)!r}")
     return ckpt
 
 
 def checkpoint_meta(ckpt) -> dict | None:
-    """fastscore's sixth entry of a checkpoint list (config, data, loss, ...), or None for a foreign file."""
-    if isinstance(ckpt, (list, tuple)) and len(ckpt) >= 6 and isinstance(ckpt[5], dict):
-        if ckpt[5].get("format") == _FORMAT:
-            return ckpt[5]
-    return None
+    """fastscore's dict in a checkpoint list (config, data, loss, resume state, checksums, ...), or None for
+    a foreign file. Reads both fastscore layouts (the dict in the optimizer state, or an older sixth entry)."""
+    return fastscore_meta(ckpt)
 
 
 def export_checkpoint(src, dst, *, half: bool = True) -> int:
     """A small sampling checkpoint from a training one: the EMA weights (when there are any) as the model
     state, float16 parameters (``half``; buffers such as ``sigmas`` stay float32), no optimizer state.
-    Still ncsnv2's list layout, so :func:`fastscore.models.load_checkpoint` reads it. Returns its size in bytes."""
+    Still ncsnv2's list layout (the EMA entry, when there is one, holds the same tensors as the model state,
+    stored once), so :func:`fastscore.models.load_checkpoint` and ncsnv2's sampler read it. Returns its size
+    in bytes."""
     ckpt = read_checkpoint(src)
     meta = checkpoint_meta(ckpt)
     if meta is None:
         raise TrainError(f"checkpoint {os.fspath(src)!r} was not written by fastscore train")
-    state = dict(ckpt[0])
-    if isinstance(ckpt[4], dict):
-        state.update(ckpt[4])
-    params = set(ckpt[4]) if isinstance(ckpt[4], dict) else set()
+    state = _unprefixed(ckpt[0])
+    shadow = ckpt[4] if len(ckpt) >= 5 and isinstance(ckpt[4], Mapping) else None
+    if shadow:
+        state.update(shadow)
+    params = set(shadow) if shadow else set()
     if half:
         state = {k: v.half() if k in params and v.is_floating_point() else v for k, v in state.items()}
-    keep = {k: meta[k] for k in ("format", "config", "arch", "data", "loss", "seed", "step") if k in meta}
+    keep = {k: meta[k] for k in ("config", "arch", "data", "loss", "seed", "step") if k in meta}
+    keep["format"] = _FORMAT
     keep["exported"] = {"ema": bool(params), "half": half}
-    atomic_save([state, {}, ckpt[2], ckpt[3], None, keep], dst)
+    states = [_prefixed(state), {}, ckpt[2], ckpt[3]]
+    if params:
+        states.append({k: state[k] for k in shadow})
+    atomic_save(_with_meta(states, keep), dst)
     return os.path.getsize(dst)
 
 
 def model_from_checkpoint(path, *, config=None, ema: bool = True, layers: str = "fused"):
     """``(model, config, meta)`` from a checkpoint: the config saved in it by ``fastscore train`` (or
     ``config`` for the original repos' files), weights by :func:`fastscore.models.load_checkpoint` (EMA by
-    default). Raises :class:`TrainError` for a missing config and ``CheckpointError`` for a misfit."""
-    from fastscore.models import load_checkpoint
+    default; checksums verified). Raises :class:`TrainError` for a missing config, ``CheckpointError`` for
+    an unreadable, corrupt or misfit file and ``ConfigError`` for a config that cannot be built here."""
+    from fastscore.models import load_into
 
-    ckpt = read_checkpoint(path)
+    ckpt = read_torch_file(path)
     meta = checkpoint_meta(ckpt) or {}
     if config is None:
         if "config" not in meta:
@@ -305,9 +466,110 @@ def model_from_checkpoint(path, *, config=None, ema: bool = True, layers: str = 
     else:
         config = get_config(config)
     model = build_model(config, loss=meta.get("loss", "dsm"), layers=layers)
-    load_checkpoint(path, model, ema=ema)
+    load_into(ckpt, model, ema=ema, where=f"checkpoint {os.fspath(path)!r}")
     model.eval()
     return model, config, meta
+
+
+# ---- the run folder ---------------------------------------------------------------------------------------------
+
+_HELD: dict[str, int] = {}  # run folders this process holds the lock of -> the holding thread
+_HELD_GUARD = threading.Lock()
+
+
+def _missing_folders(path: str) -> list[str]:
+    """The folders ``os.makedirs(path)`` would create, outermost first."""
+    missing = []
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing[::-1]
+
+
+def _lock(out_dir: str) -> int | None:
+    """An exclusive ``flock`` on ``out_dir/LOCK_NAME`` (the fd), or TrainError at once if another process holds it."""
+    if fcntl is None:
+        return None
+    path = os.path.join(out_dir, LOCK_NAME)
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise TrainError(f"run folder {out_dir!r}: cannot create its lock file ({exc.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            who = f" (pid {holder})" if holder.isdigit() else ""
+            raise TrainError(
+                f"run folder {out_dir!r} is in use by another fastscore train{who}: wait for it to finish or "
+                "choose another --out"
+            ) from None
+        # The previous holder unlinks the file before releasing it: a lock on an unlinked file is no lock.
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return fd
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def run_folder(out_dir):
+    """Hold the run folder ``out_dir`` for a training run: create it (with its parents) if needed, lock it
+    (an exclusive ``flock`` on ``out_dir/.fastscore-train.lock``; another process's run into the same folder
+    fails at once with :class:`TrainError` naming it) and remove the temporary files a killed run left
+    (``checkpoint.pth.tmp<pid>``, ``samples_<step>.png.tmp<pid>`` of dead processes). On the way out the lock
+    file is removed, and so are the folders it created if the run wrote nothing into them. Re-entrant in
+    the thread that holds it."""
+    out_dir = os.fspath(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise TrainError(f"run folder {out_dir!r} is a file, not a folder")
+    key = os.path.realpath(out_dir)
+    with _HELD_GUARD:
+        mine = _HELD.get(key) == threading.get_ident()
+    if mine:
+        yield out_dir
+        return
+    created = _missing_folders(out_dir)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as exc:
+        raise TrainError(f"run folder {out_dir!r} cannot be created ({exc.strerror})") from None
+    fd = None
+    try:
+        fd = _lock(out_dir)
+        key = os.path.realpath(out_dir)
+        with _HELD_GUARD:
+            _HELD[key] = threading.get_ident()
+        try:
+            remove_stale_temps(out_dir, lambda name: name == CHECKPOINT_NAME or _is_sample_grid(name))
+            yield out_dir
+        finally:
+            with _HELD_GUARD:
+                _HELD.pop(key, None)
+    finally:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(out_dir, LOCK_NAME))
+            os.close(fd)
+        for folder in reversed(created):  # only empty ones: a failed start leaves nothing behind
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
+
+
+def _is_sample_grid(name: str) -> bool:
+    return name.startswith("samples_") and name.endswith(".png") and name[len("samples_") : -len(".png")].isdigit()
 
 
 # ---- sampling a model ---------------------------------------------------------------------------------------
@@ -457,10 +719,39 @@ def train(
     and generators as they were, so the result is bitwise that of one run; the checkpoint's config, loss,
     batch size and seed are used and must not contradict the ones given. ``channels_last`` (default: on
     for image models on the CPU, where it is the fastest layout) changes no result beyond rounding.
+
+    ``out_dir`` is held for the run (:func:`run_folder`): created if needed, locked against a second run
+    into it (:class:`TrainError` at once), cleared of the temporary files of a killed run. The config is
+    checked and its memory estimated (:func:`check_memory`) before anything is allocated.
     """
     if loss is not None and loss not in LOSSES:
         raise TrainError(f"loss: expected one of {', '.join(LOSSES)}, got {loss!r}")
-    out_dir = os.fspath(out_dir)
+    seed = check_seed(seed)
+    with run_folder(out_dir):
+        return _train(
+            config, data, os.fspath(out_dir), steps=steps, batch_size=batch_size, seed=seed, resume=resume,
+            loss=loss, snapshot_freq=snapshot_freq, snapshot_samples=snapshot_samples,
+            snapshot_steps_each=snapshot_steps_each, data_name=data_name, progress=progress,
+            channels_last=channels_last, device=device,
+        )  # fmt: skip
+
+
+def check_seed(seed) -> int:
+    """``seed`` as an int in [0, 2**63 - 1] (what every generator fastscore seeds accepts, ``seed + 1``
+    included); :class:`TrainError` naming it otherwise."""
+    try:
+        value = operator.index(seed)
+    except TypeError:
+        raise TrainError(f"seed: expected an integer in [0, {SEED_MAX}], got {seed!r}") from None
+    if isinstance(seed, bool) or not 0 <= value <= SEED_MAX:
+        raise TrainError(f"seed: expected an integer in [0, {SEED_MAX}], got {seed!r}")
+    return value
+
+
+def _train(
+    config, data, out_dir, *, steps, batch_size, seed, resume, loss, snapshot_freq, snapshot_samples,
+    snapshot_steps_each, data_name, progress, channels_last, device,
+) -> TrainResult:  # fmt: skip
     path = os.path.join(out_dir, CHECKPOINT_NAME)
     device = torch.device(device)
     ckpt = None
@@ -483,6 +774,7 @@ def train(
     snapshot_freq = snapshot_freq or field(config, "training.snapshot_freq", "int+", 1000)
     if channels_last is None:
         channels_last = device.type == "cpu" and not _is_toy(config)
+    check_memory(config, loss=loss, batch_size=batch_size, device=device)
 
     torch.manual_seed(seed)
     model = build_model(config, loss=loss).to(device)
@@ -499,19 +791,20 @@ def train(
     epoch, step, position = 0, 0, 0
     order = None
     if ckpt is not None:
-        model.load_state_dict(ckpt[0])
-        optimizer.load_state_dict(ckpt[1])
+        model.load_state_dict(_unprefixed(ckpt[0]))
+        optimizer.load_state_dict(ckpt[1])  # ignores the "fastscore" entry
         epoch, step = int(ckpt[2]), int(ckpt[3])
         if ema is not None:
+            if len(ckpt) < 5 or not isinstance(ckpt[4], Mapping):
+                raise CheckpointError(f"checkpoint {path!r}: the run uses EMA but the file holds no EMA shadow")
             ema.load_state_dict(ckpt[4])
-        state = ckpt[5]["resume"]
+        state = meta["resume"]
         order, position = state["order"], int(state["position"])
         data_gen.set_state(state["data_rng"])
         loss_gen.set_state(state["loss_rng"])
         torch.set_rng_state(state["torch_rng"])
         if step >= steps:
             raise TrainError(f"--resume: the run in {out_dir!r} is already at step {step} (asked for {steps})")
-    os.makedirs(out_dir, exist_ok=True)
 
     objective = _loss_fn(loss, model, config, sigmas, loss_gen)
     n = data.shape[0]

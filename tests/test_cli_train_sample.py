@@ -382,4 +382,323 @@ def test_other_losses_train_an_image_model(tmp_path, loss):
     data = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(4))
     result = _train_tiny(data, tmp_path, steps=2, loss=loss, snapshot_samples=0)
     assert len(result.losses) == 2 and all(np.isfinite(result.losses))
-    assert torch.load(result.checkpoint, weights_only=True)[5]["loss"] == loss
+    assert torch.load(result.checkpoint, weights_only=True)[1]["fastscore"]["loss"] == loss
+
+
+# ---- outputs: writable before the work, written atomically, write errors as one line ------------------------
+
+
+def _only_files(folder):
+    return sorted(os.listdir(folder))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_output_folder_is_refused_before_any_work(tiny_run, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        status, out, err = main_in_process(capsys, "sample", "--checkpoint", str(tiny_run / "small.pth"), "--n", "2",
+                                           "--out", str(locked / "s.npz"), "--no-progress")  # fmt: skip
+        assert status == 1 and len(err.strip().splitlines()) == 1, err
+        assert "cannot write in folder" in err and "locked" in err and "sampled" not in out
+        status, _, err = main_in_process(capsys, "train", "--data", "moons", "--steps", "1", "--out",
+                                         str(locked / "run"), "--no-progress")  # fmt: skip
+        assert status == 1 and len(err.strip().splitlines()) == 1 and "cannot write in folder" in err, err
+        assert err.startswith("fastscore train: error:")  # refused before loading data or training
+        assert os.listdir(locked) == []
+    finally:
+        locked.chmod(0o755)
+
+
+def test_a_folder_at_the_output_path_is_refused_even_with_force(tiny_run, tmp_path, capsys):
+    folder = tmp_path / "grid.png"
+    folder.mkdir()
+    (folder / "mine.txt").write_text("keep")
+    status, out, err = main_in_process(capsys, "sample", "--checkpoint", str(tiny_run / "small.pth"), "--n", "2",
+                                       "--out", str(folder), "--force", "--no-progress")  # fmt: skip
+    assert status == 1 and len(err.strip().splitlines()) == 1 and "is a folder" in err, err
+    assert "sampled" not in out and _only_files(folder) == ["mine.txt"]
+    status, _, err = main_in_process(capsys, "train", "--data", "moons", "--steps", "1", "--out", str(tmp_path / "r"),
+                                     "--export", str(folder), "--force", "--no-progress")  # fmt: skip
+    assert status == 1 and "--export" in err and "is a folder" in err, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_failed_write_is_one_line_and_leaves_no_partial_file(tiny_run, tmp_path, capsys, monkeypatch):
+    """A full disk at write time (simulated: fsync fails with ENOSPC): one line, exit 1, the file that was
+    there before is intact, and no temporary file is left."""
+    import errno
+
+    out = tmp_path / "s.npz"
+    out.write_bytes(b"earlier samples")
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    status, text, err = main_in_process(capsys, "sample", "--checkpoint", str(tiny_run / "small.pth"), "--n", "2",
+                                        "--steps-each", "1", "--out", str(out), "--force", "--no-progress")  # fmt: skip
+    assert status == 1 and len(err.strip().splitlines()) == 1, err
+    assert "No space left on device" in err and "s.npz" in err and "Traceback" not in err
+    assert "sampled 2" in text  # the failure came at write time
+    assert out.read_bytes() == b"earlier samples" and _only_files(tmp_path) == ["s.npz"]
+    # a training run whose checkpoint write fails: one line, no torn checkpoint or temporary file
+    run = tmp_path / "run"
+    status, _, err = main_in_process(capsys, "train", "--data", "moons", "--steps", "2", "--out", str(run),
+                                     "--no-progress")  # fmt: skip
+    lines = err.strip().splitlines()
+    assert status == 1 and lines[-1].startswith("fastscore train: error: writing") and "Traceback" not in err, err
+    assert "No space left on device" in lines[-1] and all(line.startswith("train: ") for line in lines[:-1]), err
+    assert not run.exists()  # the run wrote nothing: its folder is gone again
+
+
+# ---- run folders: stale temporary files, one run at a time ---------------------------------------------------
+
+
+def _dead_pid(tmp_path, write=None):
+    """The pid of a process that has exited (killed with SIGKILL after writing ``write`` with its own pid)."""
+    code = "import os, signal\n"
+    if write:
+        code += f"open({str(write)!r} + str(os.getpid()), 'wb').write(b'half a checkpoint')\n"
+    code += "os.kill(os.getpid(), signal.SIGKILL)\n"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path)
+    assert proc.returncode == -9
+    return proc
+
+
+def test_a_new_run_removes_the_temporary_files_of_killed_runs(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    _dead_pid(tmp_path, write=run / "checkpoint.pth.tmp")  # killed mid-write, as kill -9 leaves it
+    stale = [n for n in os.listdir(run) if n.startswith("checkpoint.pth.tmp")]
+    assert len(stale) == 1
+    live = run / f"checkpoint.pth.tmp{os.getppid()}"  # a live process's write in progress: kept
+    live.write_bytes(b"")
+    (run / "notes.txt.tmp1").write_text("not ours")  # not a file a run writes: kept
+    (run / "samples_3.png.tmp999999999").write_bytes(b"")  # no such process: removed
+    data = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    _train_tiny(data, run, steps=1, snapshot_samples=0)
+    assert _only_files(run) == sorted(["checkpoint.pth", live.name, "notes.txt.tmp1"])
+
+
+def test_a_second_run_into_a_locked_folder_fails_at_once(tmp_path, capsys):
+    import fcntl
+
+    from fastscore.train import LOCK_NAME
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / LOCK_NAME, "w") as held:  # another run holds the folder
+        fcntl.flock(held, fcntl.LOCK_EX)
+        status, _, err = main_in_process(capsys, "train", "--data", "moons", "--steps", "2", "--out", str(run),
+                                         "--no-progress")  # fmt: skip
+        assert status == 1 and len(err.strip().splitlines()) == 1, err
+        assert f"run folder {str(run)!r} is in use by another fastscore train" in err
+        assert not (run / "checkpoint.pth").exists()
+        data = torch.rand(8, 3, 8, 8)
+        with pytest.raises(TrainError, match="in use by another fastscore train"):
+            _train_tiny(data, run, steps=1, snapshot_samples=0)
+    assert cli.main(["train", "--data", "moons", "--steps", "2", "--out", str(run), "--no-progress"]) == 0
+    assert _only_files(run) == ["checkpoint.pth"]  # the lock file goes with the run
+
+
+# ---- checkpoints as ncsnv2 reads them ----------------------------------------------------------------------
+
+
+class Ncsnv2EMAHelper:
+    """ermongroup/ncsnv2 models/ema.py's EMAHelper, the parts its runner uses to load and apply a checkpoint."""
+
+    def __init__(self, mu=0.999):
+        self.mu = mu
+        self.shadow = {}
+
+    def register(self, module):
+        if isinstance(module, torch.nn.DataParallel):
+            module = module.module
+        for name, param in module.named_parameters():
+            if param.requires_grad:
+                self.shadow[name] = param.data.clone()
+
+    def ema(self, module):
+        if isinstance(module, torch.nn.DataParallel):
+            module = module.module
+        for name, param in module.named_parameters():
+            if param.requires_grad:
+                param.data.copy_(self.shadow[name].data)
+
+    def load_state_dict(self, state_dict):
+        self.shadow = state_dict
+
+
+def ncsnv2_sample_load(path, config):
+    """ncsnv2's NCSNRunner.sample(): the model it samples with, loaded from a checkpoint file."""
+    states = torch.load(path, map_location="cpu")
+    score = get_model(config, layers="reference")
+    score = torch.nn.DataParallel(score)
+    score.load_state_dict(states[0], strict=True)
+    if config.model.ema:
+        ema_helper = Ncsnv2EMAHelper(mu=config.model.ema_rate)
+        ema_helper.register(score)
+        ema_helper.load_state_dict(states[-1])
+        ema_helper.ema(score)
+    return score
+
+
+def ncsnv2_resume_load(path, config):
+    """ncsnv2's NCSNRunner.train() with resume_training: model, optimizer, epoch, step and EMA."""
+    from fastscore.train import get_optimizer
+
+    score = torch.nn.DataParallel(get_model(config, layers="reference"))
+    optimizer = get_optimizer(config, score.parameters())
+    ema_helper = Ncsnv2EMAHelper(mu=config.model.ema_rate)
+    ema_helper.register(score)
+    states = torch.load(path)
+    score.load_state_dict(states[0])
+    states[1]["param_groups"][0]["eps"] = config.optim.eps
+    optimizer.load_state_dict(states[1])
+    start_epoch, step = states[2], states[3]
+    if config.model.ema:
+        ema_helper.load_state_dict(states[4])
+    return score, optimizer, start_epoch, step, ema_helper
+
+
+@pytest.mark.parametrize("ema", [True, False])
+def test_ncsnv2_runner_loads_a_fastscore_checkpoint(tmp_path, ema):
+    from fastscore.models import get_config
+
+    config = get_config("demo_tiny")
+    config.model.ema = ema
+    data = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    result = train(config, data, tmp_path, steps=2, batch_size=4, progress=False, snapshot_samples=0)
+    states = torch.load(result.checkpoint)
+    assert len(states) == (5 if ema else 4) and states[2:4] == [0, 2]
+    mine = load_checkpoint(result.checkpoint, get_model(config))  # EMA weights when there are any
+    sampled = ncsnv2_sample_load(result.checkpoint, config)
+    for (name, p), (_, q) in zip(sampled.module.state_dict().items(), mine.state_dict().items()):
+        assert torch.equal(p, q), name
+    score, optimizer, epoch, step, helper = ncsnv2_resume_load(result.checkpoint, config)
+    assert (epoch, step) == (0, 2) and list(optimizer.state_dict()) == ["state", "param_groups"]
+    raw = load_checkpoint(result.checkpoint, get_model(config), ema=False)
+    for (name, p), (_, q) in zip(score.module.state_dict().items(), raw.state_dict().items()):
+        assert torch.equal(p, q), name
+    if ema:
+        assert helper.shadow.keys() == dict(score.module.named_parameters()).keys()
+    # the exported sampling checkpoint is read by ncsnv2's sampler too, with the same weights
+    export_checkpoint(result.checkpoint, tmp_path / "small.pth")
+    small = ncsnv2_sample_load(tmp_path / "small.pth", config)
+    for (name, p), (_, q) in zip(small.module.state_dict().items(), mine.state_dict().items()):
+        torch.testing.assert_close(p, q, rtol=2**-11, atol=2**-25, msg=name)
+
+
+def test_resume_from_an_older_fastscore_checkpoint_layout(tmp_path):
+    """Checkpoints of the earlier layout (unprefixed keys, fastscore's dict as a sixth entry, no checksums)
+    still resume, bitwise as the current layout does."""
+    from fastscore.train import checkpoint_meta
+
+    data = torch.rand(20, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    _train_tiny(data, tmp_path / "new", steps=3, seed=5, snapshot_samples=0)
+    states = torch.load(tmp_path / "new" / "checkpoint.pth", weights_only=True)
+    meta = checkpoint_meta(states)
+    meta.pop("checksum")
+    meta["format"] = "fastscore-train-1"
+    optimizer = {k: v for k, v in states[1].items() if k != "fastscore"}
+    old = [{k[len("module.") :]: v for k, v in states[0].items()}, optimizer, states[2], states[3], states[4], meta]
+    (tmp_path / "old").mkdir()
+    torch.save(old, tmp_path / "old" / "checkpoint.pth")
+    a = _train_tiny(data, tmp_path / "new", steps=5, resume=True, snapshot_samples=0)
+    b = _train_tiny(data, tmp_path / "old", steps=5, resume=True, snapshot_samples=0)
+    assert a.losses == b.losses
+    x = torch.load(tmp_path / "new" / "checkpoint.pth", weights_only=True)
+    y = torch.load(tmp_path / "old" / "checkpoint.pth", weights_only=True)
+    for key in x[0]:
+        assert torch.equal(x[0][key], y[0][key]), key
+
+
+# ---- --set, seeds and sizes: one-line errors before any work ----------------------------------------------------
+
+
+def test_set_works_on_the_toy_configs(tmp_path, capsys):
+    out = tmp_path / "toy"
+    status, _, err = main_in_process(capsys, "train", "--data", "moons", "--set", "model.ema_rate=0.995", "--set",
+                                     "optim.lr=1e-3", "--steps", "2", "--out", str(out), "--no-progress")  # fmt: skip
+    assert status == 0, err
+    meta = torch.load(out / "checkpoint.pth", weights_only=True)[1]["fastscore"]
+    assert meta["config"]["model"]["ema_rate"] == 0.995 and meta["config"]["optim"]["lr"] == 1e-3
+
+
+@pytest.fixture(scope="module")
+def huge_yml(tmp_path_factory):
+    """A saved config whose model needs about 400 TB."""
+    import yaml
+
+    from fastscore.models import get_config
+    from fastscore.models import namespace2dict
+
+    config = namespace2dict(get_config("demo_tiny"))
+    config["model"]["ngf"] = 96_000  # 1.7e13 parameters: 400 TB with gradients, Adam's moments and the EMA
+    path = tmp_path_factory.mktemp("cfg") / "huge.yml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "args,status,message",
+    [
+        (["--data", "moons", "--set", "model.ema_rate=abc"], 1, "config.model.ema_rate: expected a number in [0, 1]"),
+        (["--data", "moons", "--set", "model.ema_rate=1.5"], 1, "config.model.ema_rate: expected a number in [0, 1]"),
+        (["--config", "demo_tiny", "--data", "x", "--set", "model.normalization=Bogus"], 1,
+         "config.model.normalization: expected one of"),
+        (["--config", "demo_tiny", "--data", "x", "--set", "model.nonlinearity=tanh"], 1,
+         "config.model.nonlinearity: expected one of"),
+        (["--data", "moons", "--seed", "18446744073709551616"], 2, "--seed: expected an integer from 0 to"),
+        (["--data", "moons", "--seed", "-1"], 2, "--seed: expected an integer from 0 to"),
+        (["--config", "demo_tiny", "--data", "x", "--set", "model.ngf=100000000"], 1, "needs at least"),
+        (["--config", "demo_tiny", "--data", "x", "--set", "model.ngf=100000000000"], 1, "far too large"),
+        (["--data", "moons", "--set", "model.hidden=100000000000"], 1, "far too large"),
+        (["--config", "demo_tiny", "--data", "x", "--set", "training.batch_size=10000000000"], 1, "needs at least"),
+        (["--data", "moons", "--set", "model.ema_rat=0.9"], 1, "no field model.ema_rat (did you mean model.ema_rate?)"),
+        (["--data", "moons", "--set", "model.colour=1"], 1, "no field model.colour"),
+        (["--data", "moons", "--set", "colour.x=1"], 1, "the config has no section 'colour'"),
+        (["--config", "demo_tiny", "--data", "x", "--set", "training.n_epochs=many"], 1,
+         "config.training.n_epochs holds a number"),
+        (["--config", "demo_tiny", "--data", "x", "--set", "data.image_size=0"], 1, "config.data.image_size: expected"),
+    ],
+)  # fmt: skip
+def test_bad_config_settings_and_seeds_are_one_line_errors_before_any_work(tmp_path, monkeypatch, capsys, args,
+                                                                           status, message):  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    got, _, err = main_in_process(capsys, "train", *args, "--steps", "1", "--out", "run", "--no-progress")
+    lines = err.strip().splitlines()
+    assert got == status and len(lines) == 1 and message in lines[0], err
+    assert os.listdir(tmp_path) == []  # refused before the run folder or anything else was made
+
+
+def test_a_saved_config_asking_for_400_tb_is_refused_before_any_work(huge_yml, tiny_run, tmp_path, capsys):
+    status, _, err = main_in_process(capsys, "train", "--config", huge_yml, "--data", "x", "--out",
+                                     str(tmp_path / "a"), "--no-progress")  # fmt: skip
+    assert status == 1 and len(err.strip().splitlines()) == 1 and "needs at least 401 TB of memory" in err, err
+    # a checkpoint whose saved config asks for it: sampling and resuming refuse it before building the model
+    states = torch.load(tiny_run / "run" / "checkpoint.pth", weights_only=True)
+    states[1]["fastscore"]["config"]["model"]["ngf"] = 96_000
+    (tmp_path / "b").mkdir()
+    torch.save(states, tmp_path / "b" / "checkpoint.pth")
+    status, _, err = main_in_process(capsys, "sample", "--checkpoint", str(tmp_path / "b" / "checkpoint.pth"),
+                                     "--out", str(tmp_path / "s.npz"), "--no-progress")  # fmt: skip
+    assert status == 1 and len(err.strip().splitlines()) == 1 and "needs at least" in err, err
+    status, _, err = main_in_process(capsys, "train", "--data", "x", "--resume", "--out", str(tmp_path / "b"),
+                                     "--no-progress")  # fmt: skip
+    assert status == 1 and len(err.strip().splitlines()) == 1 and "needs at least" in err, err
+    assert sorted(os.listdir(tmp_path)) == ["b"] and os.listdir(tmp_path / "b") == ["checkpoint.pth"]
+
+
+def test_sample_compile_gives_the_eager_samples(tiny_run, tmp_path, capsys):
+    """--compile: the network runs as one compiled graph; the samples are the eager ones to rounding."""
+    paths = {}
+    for compiled in (False, True):
+        paths[compiled] = tmp_path / f"s{int(compiled)}.npz"
+        args = ["sample", "--checkpoint", str(tiny_run / "small.pth"), "--n", "3", "--seed", "1", "--steps-each", "1",
+                "--out", str(paths[compiled]), "--no-progress"] + (["--compile"] if compiled else [])  # fmt: skip
+        assert cli.main(args) == 0
+    eager, compiled = (np.load(paths[c])["samples"] for c in (False, True))
+    np.testing.assert_allclose(compiled, eager, rtol=0, atol=1e-4)

@@ -543,3 +543,88 @@ def test_checkpoint_bad_ema_and_bad_files(tmp_path):
         load_checkpoint(junk, target)
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "nope.pth", target)
+
+
+# ---- unreadable and corrupt checkpoint files ---------------------------------------------------------------
+
+
+def fastscore_checkpoint(path):
+    """A checkpoint as fastscore train writes it (model, Adam state after one step, EMA unlike the model)."""
+    from fastscore.train import EMAHelper
+    from fastscore.train import save_checkpoint
+
+    torch.manual_seed(0)
+    source = NCSNv2(tiny())
+    optimizer = torch.optim.Adam(source.parameters())
+    x, y = torch.rand(2, 3, 8, 8), torch.tensor([0, 1])
+    source(x, y).square().mean().backward()
+    optimizer.step()
+    ema = EMAHelper(mu=0.9)
+    ema.register(source)
+    ema.shadow = {k: v + 1.0 for k, v in ema.shadow.items()}
+    save_checkpoint(path, source, optimizer, ema, 0, 1, {"format": "fastscore-train-2"})
+    return source, optimizer, ema
+
+
+def test_unreadable_files_are_checkpoint_errors_naming_the_file(tmp_path):
+    import fastscore
+
+    assert fastscore.CheckpointError is CheckpointError
+    fastscore_checkpoint(tmp_path / "full.pth")
+    data = (tmp_path / "full.pth").read_bytes()
+    target = NCSNv2(tiny())
+    before = copy.deepcopy(target.state_dict())
+    bad = tmp_path / "cut.pth"
+    # truncated anywhere (torch fails with OSError, RuntimeError, EOFError, ... depending on where)
+    for cut in sorted(set(range(0, 6000, 37)) | set(range(0, len(data), len(data) // 30))):
+        bad.write_bytes(data[:cut])
+        with pytest.raises(CheckpointError, match=r"'.*cut\.pth' is not a readable torch checkpoint"):
+            load_checkpoint(bad, target)
+    text = tmp_path / "notes.pth"
+    text.write_text("epoch 3, loss 0.1\n")
+    with pytest.raises(CheckpointError, match=r"notes\.pth' is not a readable torch checkpoint"):
+        load_checkpoint(text, target)
+    (tmp_path / "folder.pth").mkdir()
+    with pytest.raises(CheckpointError, match=r"folder\.pth' is a folder, not a checkpoint file"):
+        load_checkpoint(tmp_path / "folder.pth", target)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pth", target)
+    assert_state(target, before)
+
+
+def flip_bit(path, tensor, out):
+    """Copy ``path`` to ``out`` with one bit flipped in the stored bytes of ``tensor``."""
+    data = bytearray(path.read_bytes())
+    raw = tensor.contiguous().numpy().tobytes()
+    at = data.find(raw)
+    assert at > 0 and data.find(raw, at + 1) < 0, "the tensor's bytes must occur once in the file"
+    data[at + len(raw) // 2] ^= 0x04
+    out.write_bytes(bytes(data))
+    return out
+
+
+def test_a_flipped_bit_in_any_tensor_of_a_fastscore_checkpoint_is_detected(tmp_path):
+    from fastscore.train import read_checkpoint
+
+    path = tmp_path / "checkpoint.pth"
+    source, optimizer, ema = fastscore_checkpoint(path)
+    target = NCSNv2(tiny())
+    load_checkpoint(path, target)  # intact: loads, EMA weights
+    assert torch.equal(target.begin_conv.weight, ema.shadow["begin_conv.weight"])
+    read_checkpoint(path)  # every checksum matches
+
+    fresh = NCSNv2(tiny())
+    before = copy.deepcopy(fresh.state_dict())
+    model_bit = flip_bit(path, source.state_dict()["res1.0.conv1.weight"], tmp_path / "model.pth")
+    with pytest.raises(CheckpointError, match=r"model\.pth' is corrupt: the model tensors do not match"):
+        load_checkpoint(model_bit, fresh)
+    ema_bit = flip_bit(path, ema.shadow["end_conv.weight"], tmp_path / "ema.pth")
+    with pytest.raises(CheckpointError, match="corrupt: the ema tensors"):
+        load_checkpoint(ema_bit, fresh)
+    assert_state(fresh, before)  # nothing was loaded
+    load_checkpoint(ema_bit, fresh, ema=False)  # the EMA shadow is neither read nor checked
+    moment = optimizer.state_dict()["state"][0]["exp_avg"]
+    optim_bit = flip_bit(path, moment, tmp_path / "optim.pth")
+    load_checkpoint(optim_bit, fresh)  # the weights are intact ...
+    with pytest.raises(CheckpointError, match="corrupt: the optimizer tensors"):
+        read_checkpoint(optim_bit)  # ... resuming reads the optimizer state too

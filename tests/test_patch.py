@@ -11,7 +11,10 @@ model, unknown modules are left alone and reported, and a second patch changes n
 
 from __future__ import annotations
 
+import argparse
 import copy
+import io
+import pickle
 import warnings
 
 import pytest
@@ -483,3 +486,65 @@ def test_patch_a_fused_model_is_a_no_op_and_bad_input_is_refused():
     assert isinstance(block, fsnn.ConvMeanPool) and block.fastscore_patched == [
         "(root): ConvMeanPool -> fastscore.nn.ConvMeanPool"
     ]
+
+
+# ---- copies rebuilt from the model's class (ncsnv2's EMAHelper.ema_copy) -------------------------------------
+
+
+class ConfigNet(ToyNet):
+    """A root model built as ncsnv2 builds its networks: ``Model(config)``, keeping ``self.config``."""
+
+    def __init__(self, config):
+        super().__init__(conditional=config.model.conditional)
+        self.config = config
+
+
+def ncsnv2_ema_copy(module):
+    """ermongroup/ncsnv2 models/ema.py EMAHelper.ema_copy: the model rebuilt from its class and config, its
+    state_dict loaded (ema_copy then copies the EMA weights in, which changes no module)."""
+    if isinstance(module, nn.DataParallel):
+        inner_module = module.module
+        module_copy = type(inner_module)(inner_module.config).to(inner_module.config.device)
+        module_copy.load_state_dict(inner_module.state_dict())
+        module_copy = nn.DataParallel(module_copy)
+    else:
+        module_copy = type(module)(module.config).to(module.config.device)
+        module_copy.load_state_dict(module.state_dict())
+    return module_copy
+
+
+def assert_patched_like(copy_, model, patched):
+    assert type(copy_) is type(model) and type(copy_).__name__ == "ConfigNet" and isinstance(copy_, ConfigNet)
+    layers = {n: type(m) for n, m in copy_.named_modules() if type(m).__name__ in RECOGNISED}
+    assert layers and all(cls.__module__.startswith("fastscore.nn") for cls in layers.values()), layers
+    assert copy_.fastscore_patched == patched
+    x, y = data(copy_)
+    assert torch.equal(copy_(x, y), model(x, y))
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_copies_rebuilt_from_the_model_class_are_patched_too(wrapped):
+    config = argparse.Namespace(
+        model=argparse.Namespace(conditional=True), data=argparse.Namespace(channels=3, image_size=8), device="cpu"
+    )
+    torch.manual_seed(0)
+    model = ConfigNet(config)
+    target = nn.DataParallel(model) if wrapped else model
+    patch_quietly(target)
+    patched = [entry.removeprefix("module.") for entry in target.fastscore_patched]
+    assert len(patched) > 10
+    copy_ = ncsnv2_ema_copy(target)
+    assert isinstance(copy_, nn.DataParallel) == wrapped
+    assert_patched_like(copy_.module if wrapped else copy_, model, patched)
+    # deepcopy (fastscore's EMAHelper.ema_copy) and pickling keep the class and the fused layers; the pickle
+    # names the original class only, so loading it needs no class made by fastscore
+    model.fastscore_patched = patched
+    assert_patched_like(copy.deepcopy(model), model, patched)
+    assert_patched_like(pickle.loads(pickle.dumps(model)), model, patched)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    assert_patched_like(torch.load(buffer, weights_only=False), model, patched)
+    assert repr(type(model)) == repr(ConfigNet) and type(model).__qualname__ == "ConfigNet"
+    patch_quietly(model)  # patching again keeps the class
+    assert type(model).__mro__[1] is ConfigNet

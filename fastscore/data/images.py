@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import struct
 import zipfile
 import zlib
@@ -285,14 +286,63 @@ def write_png(path, array: np.ndarray) -> None:
     atomic_write_bytes(path, payload)
 
 
+def temp_name(path) -> str:
+    """The temporary name an atomic write of ``path`` goes through: ``<path>.tmp<pid>``, in the same folder
+    (so ``os.replace`` is a rename) and naming its writer (so :func:`remove_stale_temps` can tell a live
+    writer's file from one a killed process left)."""
+    return f"{os.fspath(path)}.tmp{os.getpid()}"
+
+
+_TEMP = re.compile(r"^(?P<target>.+)\.tmp(?P<pid>\d+)$")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # somebody else's process
+        return True
+    except (OverflowError, ValueError, OSError):
+        return False
+    return True
+
+
+def remove_stale_temps(folder, targets=None) -> list[str]:
+    """Remove the temporary files of atomic writes (:func:`temp_name`) in ``folder`` whose writer process
+    is gone (killed mid-write); only those of file names ``targets`` accepts (a callable on the target's
+    name; default all). A live process's files are kept. Returns the paths removed."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMP.match(entry.name)
+        if match is None or (targets is not None and not targets(match["target"])):
+            continue
+        pid = int(match["pid"])
+        if pid == os.getpid() or _process_alive(pid) or not entry.is_file(follow_symlinks=False):
+            continue
+        try:
+            os.remove(entry.path)
+            removed.append(entry.path)
+        except OSError:
+            pass
+    return removed
+
+
 def atomic_write_bytes(path, payload: bytes) -> None:
-    """Write ``payload`` to ``path`` through a temporary file in the same folder and ``os.replace``, so a
-    reader never sees a half-written file and an interrupted write leaves the old file intact."""
+    """Write ``payload`` to ``path`` through a temporary file in the same folder (flushed to disk) and
+    ``os.replace``, so a reader never sees a half-written file and an interrupted write leaves the old file
+    intact. A failed write (a full disk, ...) raises ``OSError`` and leaves no temporary file behind."""
     path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = temp_name(path)
     try:
         with open(tmp, "wb") as f:
             f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -13,12 +13,14 @@
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
 
+from fastscore.models.checkpoints import CheckpointError
+from fastscore.models.checkpoints import read_torch_file
+from fastscore.models.checkpoints import verify_checksums
 from fastscore.models.configs import ConfigError
 from fastscore.models.configs import config_names
 from fastscore.models.configs import dict2namespace
@@ -86,10 +88,6 @@ _ABSENT = object()
 
 
 # ---- checkpoints -----------------------------------------------------------------------------------------
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be read, or does not fit the model it is loaded into (nothing was changed)."""
 
 
 def _strip_module(state: Mapping) -> dict:
@@ -175,23 +173,24 @@ def load_checkpoint(path, model: nn.Module, ema: bool = True, *, map_location="c
 
     Every key, shape and EMA entry is checked before anything is copied: a checkpoint of another
     architecture or config raises :class:`CheckpointError` (a ValueError) naming the file and listing
-    the missing keys, unexpected keys and shape mismatches, and the model is left unchanged.
-    ``weights_only=True`` (default) unpickles tensors and plain containers only (torch.load's safe mode).
+    the missing keys, unexpected keys and shape mismatches, and the model is left unchanged. So does a
+    file that is not a readable checkpoint (truncated, a text file, a folder) and one written by
+    ``fastscore train`` whose tensors no longer match the sha256 checksums written with them (checked for
+    the parts loaded: the model state, and the EMA shadow when ``ema``); a missing file raises
+    ``FileNotFoundError``. ``weights_only=True`` (default) unpickles tensors and plain containers only
+    (torch.load's safe mode).
     """
     where = f"checkpoint {os.fspath(path)!r}"
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{where} does not exist")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=weights_only)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{where} could not be unpickled with weights_only={weights_only} ({exc}); if you trust the file, "
-            "pass weights_only=False"
-        ) from exc
-    except (RuntimeError, EOFError) as exc:
-        raise CheckpointError(f"{where} is not a readable torch checkpoint ({exc})") from exc
+    ckpt = read_torch_file(path, map_location=map_location, weights_only=weights_only)
+    return load_into(ckpt, model, ema=ema, where=where)
+
+
+def load_into(ckpt, model: nn.Module, ema: bool = True, *, where: str = "checkpoint"):
+    """:func:`load_checkpoint` for a checkpoint object already read from ``where`` (checksums, layout and
+    fit checked the same way); returns ``model``."""
     target = model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
     state, shadow, layout = _split(ckpt, where, target)
+    verify_checksums(ckpt, where, parts=("model", "ema") if ema and shadow is not None else ("model",))
     state = _strip_module(state)
     own = target.state_dict()
     problems = _mismatch_report(state, own, what="state_dict")

@@ -26,7 +26,18 @@ import numpy as np
 import torch
 import yaml
 
-__all__ = ["ConfigError", "get_config", "config_names", "dict2namespace", "namespace2dict", "get_sigmas", "field"]
+__all__ = [
+    "ConfigError",
+    "get_config",
+    "config_names",
+    "dict2namespace",
+    "namespace2dict",
+    "get_sigmas",
+    "field",
+    "check_config",
+    "check_field",
+    "FIELDS",
+]
 
 
 class ConfigError(ValueError):
@@ -123,22 +134,100 @@ def field(config, path: str, kind: str, default=_MISSING, *, who: str = "the mod
         if default is not _MISSING:
             return default
         raise ConfigError(f"config.{path}: missing ({who} needs it)")
-    ok = {
-        "int+": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
-        "number+": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
-        "bool": lambda v: isinstance(v, bool),
-        "str": lambda v: isinstance(v, str),
-        "any": lambda v: True,
-    }[kind](value)
-    if not ok:
-        expected = {
-            "int+": "a positive integer",
-            "number+": "a positive number",
-            "bool": "true or false",
-            "str": "a string",
-        }[kind]
-        raise ConfigError(f"config.{path}: expected {expected}, got {value!r}")
+    if not _KINDS[kind][0](value):
+        raise ConfigError(f"config.{path}: expected {_KINDS[kind][1]}, got {value!r}")
     return value
+
+
+_KINDS = {
+    "int+": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer"),
+    "number+": (
+        lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
+        "a positive number",
+    ),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "any": (lambda v: True, "anything"),
+}
+
+
+# ---- checking a whole config -------------------------------------------------------------------------
+
+_NORMALIZATIONS = ("NoneNorm", "InstanceNorm++", "InstanceNorm", "BatchNorm", "VarianceNorm", None)
+_NONLINEARITIES = ("elu", "relu", "lrelu", "swish")
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# The fields fastscore reads (path -> (test, what it expects)). Other fields of the originals' configs
+# (n_epochs, num_workers, fid, ...) are kept as they are and not checked.
+FIELDS = {
+    "training.batch_size": ("int+", None),
+    "training.n_iters": ("int+", None),
+    "training.snapshot_freq": ("int+", None),
+    "training.anneal_power": (_is_number, "a finite number"),
+    "sampling.batch_size": ("int+", None),
+    "sampling.n_steps_each": ("int+", None),
+    "sampling.step_lr": ("number+", None),
+    "sampling.denoise": ("bool", None),
+    "data.dataset": ("str", None),
+    "data.image_size": ("int+", None),
+    "data.channels": ("int+", None),
+    "data.dim": ("int+", None),
+    "data.logit_transform": ("bool", None),
+    "data.rescaled": ("bool", None),
+    "data.uniform_dequantization": ("bool", None),
+    "data.gaussian_dequantization": ("bool", None),
+    "model.arch": ("str", None),
+    "model.ngf": ("int+", None),
+    "model.num_classes": ("int+", None),
+    "model.sigma_begin": ("number+", None),
+    "model.sigma_end": ("number+", None),
+    "model.sigma_dist": (lambda v: v in ("geometric", "uniform"), "'geometric' or 'uniform'"),
+    "model.normalization": (
+        lambda v: v in _NORMALIZATIONS,
+        "one of " + ", ".join(repr(n) for n in _NORMALIZATIONS),
+    ),
+    "model.nonlinearity": (
+        lambda v: isinstance(v, str) and v.lower() in _NONLINEARITIES,
+        "one of " + ", ".join(repr(n) for n in _NONLINEARITIES),
+    ),
+    "model.spec_norm": ("bool", None),
+    "model.ema": ("bool", None),
+    "model.ema_rate": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "model.hidden": ("int+", None),
+    "model.n_layers": ("int+", None),
+    "optim.optimizer": (lambda v: v in ("Adam", "RMSProp", "SGD"), "'Adam', 'RMSProp' or 'SGD'"),
+    "optim.lr": ("number+", None),
+    "optim.eps": ("number+", None),
+    "optim.weight_decay": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "optim.beta1": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "optim.amsgrad": ("bool", None),
+}
+
+
+def check_field(path: str, value) -> None:
+    """:class:`ConfigError` naming ``config.<path>`` if ``value`` is not what fastscore expects there (a
+    field fastscore does not read is not checked)."""
+    if path not in FIELDS:
+        return
+    test, expected = FIELDS[path]
+    if isinstance(test, str):
+        test, expected = _KINDS[test]
+    if not test(value):
+        raise ConfigError(f"config.{path}: expected {expected}, got {value!r}")
+
+
+def check_config(config) -> None:
+    """Check every field fastscore reads that ``config`` sets (types, ranges, names); :class:`ConfigError`
+    naming the first bad one. Absent fields are left to the code that needs them."""
+    for path in FIELDS:
+        value = _lookup(config, path)
+        if value is _MISSING:
+            continue
+        check_field(path, value)
 
 
 # ---- noise levels -----------------------------------------------------------------------------------------

@@ -77,7 +77,10 @@ class ScoreMLP(nn.Module):
         self.act_name = act
         self._act = _ACTS[act]
         if sigmas is not None:
-            sigmas = torch.as_tensor(sigmas, dtype=torch.float32).detach().clone()
+            # an explicit device: under a default-device context (e.g. counting parameters on "meta") the
+            # levels stay real numbers that can be checked
+            device = sigmas.device if isinstance(sigmas, Tensor) else "cpu"
+            sigmas = torch.as_tensor(sigmas, dtype=torch.float32, device=device).detach().clone()
             if sigmas.dim() != 1 or sigmas.numel() < 1 or not bool((sigmas > 0).all()):
                 raise ValueError(f"sigmas: expected a 1-D sequence of positive noise levels, got {tuple(sigmas.shape)}")
             if n_classes is not None and _positive_int(n_classes, "n_classes") != sigmas.numel():
