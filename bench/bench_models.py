@@ -214,7 +214,7 @@ def _train_check(models, providers):
             why = _disagreement(name, loss, want_loss, models[name].named_parameters(), ref_params)
             if why is None:
                 continue
-            assert name == "compile", f"train: {name}: {why}"
+            assert "compile" in name, f"train: {name}: {why}"
             print(f"NOTE: torch.compile's training step disagrees with eager ({why}); compile is left out of this case")
             providers.pop(name)
 

@@ -6,8 +6,9 @@
     reading x and the score and writing x once into a preallocated tensor: the floor).
 (b) end to end: samples/s of annealed Langevin and of the PC sampler (reverse diffusion + Langevin corrector)
     with NCSNv2 (CIFAR-10 config, ngf 32, 32x32): "eager" = reference layers + the eager loops of ncsnv2 /
-    score_sde; "fastscore" = fused layers (channels_last) + fastscore's samplers. Few steps (the per-step cost is
-    what is compared).
+    score_sde; "fastscore" = fused layers (channels_last) + fastscore's samplers; "compile" and
+    "fastscore+compile" the same with the network wrapped in torch.compile. Few steps (the per-step cost is
+    what is compared); samples per second printed under the table.
 
     fastscore bench sampling [--quick]
     pytest bench/bench_sampling.py --benchmark-only
@@ -169,16 +170,31 @@ def end_to_end_cases(device="cpu"):
             assert torch.isfinite(out).all(), name
 
     note = f"batch {BATCH}, {LEVELS * STEPS_EACH} network calls + 1 (ALD denoising) / x2 (PC corrector)"
+    # The compiled networks (torch.compile of the reference model in the eager loops; of the fused model in
+    # fastscore's samplers): compiled once, on the agreement check's call, before the timing.
+    eager_c, fused_c = torch.compile(eager, dynamic=False), torch.compile(fused, dynamic=False)
+
+    def run_compiled_ald():
+        with torch.no_grad():
+            return ncsnv2_loop(net(eager_c), x0, sigmas, STEPS_EACH, STEP_LR, denoise=True)
+
+    def run_fused_compiled_ald():
+        return sampling.annealed_langevin(net(fused_c), x0_cl, sigmas, n_steps_each=STEPS_EACH, step_lr=STEP_LR, seed=1)
+
+    def run_compiled_pc():
+        with torch.no_grad():
+            return score_sde_pc_loop(t_score(eager_c), sde, (BATCH, 3, 32, 32))
+
+    def run_fused_compiled_pc():
+        x_init = (torch.randn(BATCH, 3, 32, 32) * sde.prior_std).contiguous(memory_format=torch.channels_last)
+        return sampling.pc_sampler(t_score(fused_c), sde, None, x_init=x_init.to(device), seed=1, batch_norm_step=True)
+
+    ald = {"eager": run_eager_ald, "compile": run_compiled_ald, "fastscore": run_fused_ald}
+    pc = {"eager": run_eager_pc, "compile": run_compiled_pc, "fastscore": run_fused_pc}
+    ald["fastscore+compile"], pc["fastscore+compile"] = run_fused_compiled_ald, run_fused_compiled_pc
     return [
-        _harness.Case(
-            f"annealed langevin NCSNv2 ngf32 b{BATCH}",
-            {"eager": run_eager_ald, "fastscore": run_fused_ald},
-            finite,
-            note,
-        ),
-        _harness.Case(
-            f"pc sampler NCSNv2 ngf32 b{BATCH}", {"eager": run_eager_pc, "fastscore": run_fused_pc}, finite, note
-        ),
+        _harness.Case(f"annealed langevin NCSNv2 ngf32 b{BATCH}", ald, finite, note),
+        _harness.Case(f"pc sampler NCSNv2 ngf32 b{BATCH}", pc, finite, note),
     ]
 
 
@@ -194,6 +210,10 @@ def run(quick=False, device="cpu", rounds=None, record=True):
     rows = _harness.run(
         OP, cases(quick, device), rounds=rounds or (5 if quick else 15), device=device, quick=quick, record=record
     )
+    print(f"\nsamples per second (batch {BATCH}, {LEVELS * STEPS_EACH} steps):")
+    for row in rows:
+        if "NCSNv2" in row.case:
+            print(f"  {row.case:32s} {row.provider:20s} {BATCH / (row.median_ms / 1e3):8.1f}")
     return rows
 
 

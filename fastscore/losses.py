@@ -86,6 +86,8 @@ def _labels(labels, sigmas: Tensor, x: Tensor, generator) -> Tensor:
         raise ValueError(f"labels: expected an int64 tensor of noise-level indices of shape ({N},), got {got}")
     if labels.device != x.device:
         raise ValueError(f"labels: expected a tensor on x's device {x.device}, got {labels.device}")
+    if torch.compiler.is_compiling():  # reading values would break the graph; indexing sigmas still raises
+        return labels.long()
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0 or hi >= L:
         raise ValueError(f"labels: expected indices in [0, {L}) (len(sigmas)), got values in [{lo}, {hi}]")

@@ -38,8 +38,6 @@ channels_last (the convolutions, the norms, the pooling and the in-place adds al
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -132,7 +130,8 @@ def norm_act(norm: nn.Module, act, x: Tensor, *y: Tensor) -> Tensor:
 
 def _add_into(acc: Tensor, other: Tensor) -> Tensor:
     """``acc + other``, written into ``acc`` (a fresh intermediate) when that changes nothing but the memory."""
-    if acc.shape == other.shape and torch.result_type(acc, other) == acc.dtype:
+    # promote_types, not result_type: the same for tensors of one shape, and torch.compile traces it
+    if acc.shape == other.shape and torch.promote_types(acc.dtype, other.dtype) == acc.dtype:
         return acc.add_(other)
     return other + acc
 
@@ -205,7 +204,6 @@ def _pool(pool: nn.Module, x: Tensor) -> Tensor:
     return pool(x) if mode is None else crp_pool(x, mode=mode)
 
 
-@functools.cache
 def _rcu_names(n_blocks: int, n_stages: int, with_norm: bool) -> tuple:
     return tuple(
         tuple((f"{i + 1}_{j + 1}_norm" if with_norm else None, f"{i + 1}_{j + 1}_conv") for j in range(n_stages))
