@@ -205,16 +205,47 @@ def format_table(title: str, rows: list[Row]) -> str:
 # ---- results history ------------------------------------------------------------------------------
 
 _BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_RESULTS = "fastscore-bench-results.csv"
 
 
-def results_path() -> str:
-    """bench/results.csv in a source checkout; ./fastscore-bench-results.csv for an installed package."""
-    if os.environ.get("FASTSCORE_BENCH_RESULTS"):
-        return os.environ["FASTSCORE_BENCH_RESULTS"]
-    in_checkout = os.path.exists(os.path.join(_BENCH_DIR, os.pardir, "setup.py"))
-    if in_checkout and os.access(_BENCH_DIR, os.W_OK):
-        return os.path.join(_BENCH_DIR, "results.csv")
-    return os.path.abspath("fastscore-bench-results.csv")
+def results_path(path: str | None = None) -> str:
+    """Where ``fastscore bench`` appends its rows: ``path`` (``--csv``), else ``$FASTSCORE_BENCH_RESULTS``, else
+    ./fastscore-bench-results.csv in the current folder.
+
+    Never the shipped history bench/results.csv unless it is named: that file is the maintainers' record
+    (``fastscore bench --csv bench/results.csv``), and a user's checkout or installed package stays unchanged.
+    """
+    path = path or os.environ.get("FASTSCORE_BENCH_RESULTS") or DEFAULT_RESULTS
+    return os.path.abspath(path)
+
+
+def _header(path: str) -> list[str]:
+    try:
+        with open(path, newline="") as f:
+            return next(csv.reader(f), [])
+    except (UnicodeDecodeError, csv.Error):
+        return ["(not a CSV file)"]
+
+
+def check_results_file(path: str) -> str:
+    """``path`` made absolute if the bench rows can be appended to it; else ValueError saying why (before any
+    bench runs). An existing file must be a bench history: one with columns of its own would lose them."""
+    path = os.path.abspath(path)
+    folder = os.path.dirname(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{path!r} is a folder; name a .csv file")
+    if not os.path.isdir(folder):
+        raise ValueError(f"folder {folder!r} does not exist")
+    if os.path.exists(path):
+        if not os.access(path, os.W_OK):
+            raise ValueError(f"{path!r} is not writable")
+        header = _header(path)
+        if header and not set(header) <= set(FIELDS):
+            shown = ", ".join(header[:4]) + (", ..." if len(header) > 4 else "")
+            raise ValueError(f"{path!r} is not a fastscore bench history (its columns: {shown}); name another file")
+    elif not os.access(folder, os.W_OK):
+        raise ValueError(f"cannot create a file in folder {folder!r}")
+    return path
 
 
 def _git_sha() -> str:
@@ -265,10 +296,11 @@ FIELDS = [
 
 
 def append_results(op: str, rows: list[Row], *, device: str, quick: bool, path: str | None = None) -> str:
+    """Append the rows to the CSV history ``path`` (default: :func:`results_path`); returns its absolute path."""
     import fastscore
 
-    path = path or results_path()
-    new = not os.path.exists(path)
+    path = check_results_file(results_path(path))
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
     if not new:  # a history written before a column was added: rewrite it once with the new header
         with open(path, newline="") as f:
             old = list(csv.DictReader(f))
@@ -308,13 +340,23 @@ def append_results(op: str, rows: list[Row], *, device: str, quick: bool, path: 
     return path
 
 
-def run(op: str, cases: list[Case], *, rounds: int, device: str, quick: bool, record: bool = True) -> list[Row]:
-    """Measure every case, print one table, append the rows to the results history."""
+def run(
+    op: str,
+    cases: list[Case],
+    *,
+    rounds: int,
+    device: str,
+    quick: bool,
+    record: bool = True,
+    csv_path: str | None = None,
+) -> list[Row]:
+    """Measure every case, print one table, append the rows to the results history (``csv_path``, default
+    :func:`results_path`) unless not ``record``."""
     rows = []
     for case in cases:
         rows.extend(measure(case, rounds=rounds, device=device))
     title = f"fastscore bench {op} on {device_name(device)} (torch {torch.__version__}; medians of {rounds} rounds)"
     print(format_table(title, rows), flush=True)
     if record:
-        print(f"results appended to {append_results(op, rows, device=device, quick=quick)}")
+        print(f"results appended to {append_results(op, rows, device=device, quick=quick, path=csv_path)}")
     return rows

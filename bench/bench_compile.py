@@ -126,11 +126,11 @@ def cases(quick=False, device="cpu"):
     return out
 
 
-def run(quick=False, device="cpu", rounds=None, record=True):
+def run(quick=False, device="cpu", rounds=None, record=True, csv_path=None):
     """`fastscore bench compile`: the ratio table, then each compiled provider's compile time."""
     _compile_seconds.clear()
     rows = _harness.run(OP, cases(quick, device), rounds=rounds or (5 if quick else 7), device=device, quick=quick,
-                        record=record)  # fmt: skip
+                        record=record, csv_path=csv_path)  # fmt: skip
     print("\ncompile time (first call, seconds):")
     for label, seconds in _compile_seconds.items():
         print(f"  {label:50s} {seconds:7.1f}")

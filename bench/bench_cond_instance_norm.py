@@ -138,10 +138,16 @@ def cases(quick=False, device="cpu", with_compile=True):
     return out
 
 
-def run(quick=False, device="cpu", rounds=None, record=True):
-    """`fastscore bench cond_instance_norm`: the ratio table (and a row per provider in results.csv)."""
+def run(quick=False, device="cpu", rounds=None, record=True, csv_path=None):
+    """`fastscore bench cond_instance_norm`: the ratio table (and a row per provider in the results CSV)."""
     return _harness.run(
-        OP, cases(quick, device), rounds=rounds or (7 if quick else 15), device=device, quick=quick, record=record
+        OP,
+        cases(quick, device),
+        rounds=rounds or (7 if quick else 15),
+        device=device,
+        quick=quick,
+        record=record,
+        csv_path=csv_path,
     )
 
 

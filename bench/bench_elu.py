@@ -141,10 +141,16 @@ def cases(quick=False, device="cpu", with_compile=True):
     return out
 
 
-def run(quick=False, device="cpu", rounds=None, record=True):
-    """`fastscore bench elu`: the ratio table (and a row per provider in results.csv)."""
+def run(quick=False, device="cpu", rounds=None, record=True, csv_path=None):
+    """`fastscore bench elu`: the ratio table (and a row per provider in the results CSV)."""
     return _harness.run(
-        OP, cases(quick, device), rounds=rounds or (9 if quick else 21), device=device, quick=quick, record=record
+        OP,
+        cases(quick, device),
+        rounds=rounds or (9 if quick else 21),
+        device=device,
+        quick=quick,
+        record=record,
+        csv_path=csv_path,
     )
 
 

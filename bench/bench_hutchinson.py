@@ -110,10 +110,16 @@ def cases(quick=False, device="cpu"):
     return [_harness.Case(_label(p), providers(p, device), check) for p in (QUICK_CASES if quick else CASES)]
 
 
-def run(quick=False, device="cpu", rounds=None, record=True):
+def run(quick=False, device="cpu", rounds=None, record=True, csv_path=None):
     """`fastscore bench hutchinson`: the ratio table, then each estimator's time over a plain forward."""
     rows = _harness.run(
-        OP, cases(quick, device), rounds=rounds or (5 if quick else 10), device=device, quick=quick, record=record
+        OP,
+        cases(quick, device),
+        rounds=rounds or (5 if quick else 10),
+        device=device,
+        quick=quick,
+        record=record,
+        csv_path=csv_path,
     )
     by_case: dict[str, dict[str, float]] = {}
     for r in rows:

@@ -162,10 +162,16 @@ def ns_per_normal(device="cpu", numel=1 << 22, rounds=15) -> dict[str, float]:
     return {name: statistics.median(ts) / numel * 1e9 for name, ts in times.items()}
 
 
-def run(quick=False, device="cpu", rounds=None, record=True):
+def run(quick=False, device="cpu", rounds=None, record=True, csv_path=None):
     """`fastscore bench langevin_step`: the ratio table, then ns per generated normal."""
     rows = _harness.run(
-        OP, cases(quick, device), rounds=rounds or (15 if quick else 30), device=device, quick=quick, record=record
+        OP,
+        cases(quick, device),
+        rounds=rounds or (15 if quick else 30),
+        device=device,
+        quick=quick,
+        record=record,
+        csv_path=csv_path,
     )
     threads = torch.get_num_threads()
     for numel, label in ((64 * 3 * 32 * 32, "196608 (a 64x3x32x32 batch)"), (1 << 22, "4M")):

@@ -215,7 +215,7 @@ def measure(name, *, rounds, device="cpu"):
     return rows, nfe
 
 
-def run(quick=False, device="cpu", rounds=None, record=True):
+def run(quick=False, device="cpu", rounds=None, record=True, csv_path=None):
     """`fastscore bench likelihood`: the ratio table, then each provider's evaluation counts."""
     rows, counts = [], []
     rounds = rounds or (2 if quick else 3)
@@ -233,7 +233,7 @@ def run(quick=False, device="cpu", rounds=None, record=True):
             + " (eager evaluates the network twice per nfe)"
         )
     if record:
-        print(f"results appended to {_harness.append_results(OP, rows, device=device, quick=quick)}")
+        print(f"results appended to {_harness.append_results(OP, rows, device=device, quick=quick, path=csv_path)}")
     return rows
 
 

@@ -259,11 +259,17 @@ def _load() -> str:
         return "load average unknown"
 
 
-def run(quick=False, device="cpu", rounds=None, record=True):
+def run(quick=False, device="cpu", rounds=None, record=True, csv_path=None):
     """`fastscore bench models`: the ratio table, then a profile of the fused forward."""
     print(f"machine: {_load()} before the run", flush=True)
     rows = _harness.run(
-        OP, cases(quick, device), rounds=rounds or (5 if quick else 9), device=device, quick=quick, record=record
+        OP,
+        cases(quick, device),
+        rounds=rounds or (5 if quick else 9),
+        device=device,
+        quick=quick,
+        record=record,
+        csv_path=csv_path,
     )
     print(f"machine: {_load()} after the run")
     print(f"\nwhere the time goes in the fused forward ({_label(QUICK_CASES[0])}, channels_last, no grad):")

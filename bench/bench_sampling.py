@@ -205,10 +205,16 @@ def cases(quick=False, device="cpu"):
     return out + end_to_end_cases(device)
 
 
-def run(quick=False, device="cpu", rounds=None, record=True):
+def run(quick=False, device="cpu", rounds=None, record=True, csv_path=None):
     """`fastscore bench sampling`: the ratio table (per-step overhead, then end-to-end samples/s ratios)."""
     rows = _harness.run(
-        OP, cases(quick, device), rounds=rounds or (5 if quick else 15), device=device, quick=quick, record=record
+        OP,
+        cases(quick, device),
+        rounds=rounds or (5 if quick else 15),
+        device=device,
+        quick=quick,
+        record=record,
+        csv_path=csv_path,
     )
     print(f"\nsamples per second (batch {BATCH}, {LEVELS * STEPS_EACH} steps):")
     for row in rows:

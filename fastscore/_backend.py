@@ -25,6 +25,8 @@ import warnings
 
 import torch
 
+from fastscore import _namespace  # noqa: F401  (every op and layer loads this: refuses a folder in fastscore's place)
+
 BACKENDS = ("ref", "cpp", "triton", "cuda")
 _REBUILD = "rebuild it from the source tree with `pip install --no-build-isolation -e .`"
 
@@ -158,6 +160,10 @@ def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+# How to get triton, where it is missing: an extra of fastscore (about 1 GB; a CPU user never needs it).
+TRITON_HINT = 'pip install "fastscore[triton]", or use a CUDA build of torch, which brings its own'
+
+
 def _status(backend: str, device_type: str, cpp_op: str | None = None) -> str | None:
     """None if `backend` can run on `device_type` here (for the op whose C++ kernel is `cpp_op`), else why not."""
     if backend == "ref":
@@ -172,7 +178,7 @@ def _status(backend: str, device_type: str, cpp_op: str | None = None) -> str | 
         return None
     if backend == "triton":
         if not _triton_installed():
-            return "triton is not installed (pip install triton)"
+            return f"triton is not installed: {TRITON_HINT}"
         if device_type == "cuda":
             return None if torch.cuda.is_available() else "no CUDA device"
         if device_type == "cpu":
@@ -213,7 +219,8 @@ def backends() -> dict:
         elif devices:
             reason = ""
         elif name == "triton":
-            reason = f"{_status(name, 'cuda')}; {_status(name, 'cpu')}"
+            reasons = dict.fromkeys((_status(name, "cuda"), _status(name, "cpu")))  # once where both say the same
+            reason = "; ".join(reasons)
         else:  # the reason on the backend's own device
             reason = _status(name, "cpu" if name == "cpp" else "cuda") or ""
         report[name] = {"available": bool(devices), "devices": devices, "reason": reason}

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fastscore._progress import Progress
 from fastscore._score import check_score
 from fastscore._score import checked_score_fn
 
@@ -421,17 +422,12 @@ class ODESamplerInfo:
 
 
 class _Progress:
-    """A tqdm bar over the integration interval, advanced to the least advanced sample (tqdm is optional)."""
+    """Progress over the integration interval in thousandths, advanced to the least advanced sample
+    (fastscore._progress: a bar on a terminal, whole lines with an ETA when stderr is a file or a pipe)."""
 
     def __init__(self, enabled: bool, t0: float, t1: float, desc: str):
-        self.bar = None
         self.t0, self.span = t0, t1 - t0
-        if enabled:
-            try:
-                from tqdm.auto import tqdm
-            except ImportError:  # pragma: no cover - tqdm is optional
-                return
-            self.bar = tqdm(total=1000, desc=desc, unit="‰", leave=False)
+        self.bar = Progress(1000, desc, unit="\u2030", enabled=enabled, leave=False, rate=False) if enabled else None
 
     def __call__(self, t: Tensor) -> None:
         if self.bar is None:

@@ -90,9 +90,22 @@ def _bench(args) -> int:
         raise CommandError(f"no bench named {args.what!r}; choose from: {', '.join(names + ['all'])}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CommandError("--device cuda: no CUDA device is available")
+    csv_path = None
+    if args.csv is not None and args.no_record:
+        raise CommandError("--csv and --no-record contradict each other; pass one of them")
+    if not args.no_record:  # checked before minutes of benches, not after
+        from fastscore._bench import _harness
+
+        what = f"--csv {args.csv!r}" if args.csv is not None else "the results file (--csv)"
+        try:
+            csv_path = _harness.check_results_file(_harness.results_path(args.csv))
+        except ValueError as exc:
+            raise CommandError(f"{what}: {exc}") from None
     for name in wanted:
         module = importlib.import_module(f"fastscore._bench.bench_{name}")
-        module.run(quick=args.quick, device=args.device, rounds=args.rounds, record=not args.no_record)
+        module.run(
+            quick=args.quick, device=args.device, rounds=args.rounds, record=not args.no_record, csv_path=csv_path
+        )
     return 0
 
 
@@ -262,12 +275,35 @@ def _apply_overrides(config, overrides):
     return dict2namespace(config)
 
 
-def _load_data(name, config, *, seed: int = 0, n: int | None = None):
+DATA_CHOICES = f"digits, {', '.join(TOY_DATA)}, a folder of images or an .npz file"
+
+
+def _check_data_name(name) -> None:
+    """Refuse, before any work, a --data that is neither a bundled data set nor an existing file or folder."""
+    if name in TOY_DATA or name == "digits" or os.path.exists(name):
+        return
+    raise CommandError(f"--data {name!r}: no such data set, file or folder; expected {DATA_CHOICES}")
+
+
+def _model_words(config) -> str:
+    """What a config's model takes, for messages: 'NCSNv2, which takes 1x16x16 images'."""
+    from fastscore.models.configs import field
+
+    arch = field(config, "model.arch", "any", None) or "the model"
+    if arch == "ScoreMLP":
+        return f"ScoreMLP, which takes {field(config, 'data.dim', 'any', 2)}-D points"
+    size, channels = field(config, "data.image_size", "any", "?"), field(config, "data.channels", "any", "?")
+    return f"{arch}, which takes {channels}x{size}x{size} images"
+
+
+def _load_data(name, config, *, seed: int = 0, n: int | None = None, model: str | None = None):
     """``(data, config)``: a bundled toy distribution (with a ScoreMLP config unless one is given) or image
-    data at the config's size."""
+    data at the config's size. ``model``: whose model ``config`` describes, for the message when the data
+    does not fit it (``"the checkpoint's"``); None when the config is the one to train."""
     from fastscore.data.images import load_dataset
     from fastscore.models.configs import field
 
+    toy_model = config is not None and field(config, "model.arch", "any", None) == "ScoreMLP"
     if name in TOY_DATA:
         from fastscore.data.toy import toy_sample
         from fastscore.train import toy_config
@@ -275,14 +311,29 @@ def _load_data(name, config, *, seed: int = 0, n: int | None = None):
         data = toy_sample(name, n or 10000, seed=seed).float()
         if config is None:
             return data, toy_config(data, name=name)
-        if field(config, "model.arch", "any", None) != "ScoreMLP":
+        if not toy_model:
+            if model is not None:
+                raise CommandError(
+                    f"--data {name} is 2-D toy data, and {model} model is {_model_words(config)}: give images "
+                    "(digits, a folder of images or an .npz file)"
+                )
             raise CommandError(
                 f"--data {name}: 2-D toy data trains the ScoreMLP; leave out --config or give a ScoreMLP one"
             )
         return data, config
+    if toy_model:
+        whose = model or "the config's"
+        raise CommandError(
+            f"--data {name!r} is images, and {whose} model is {_model_words(config)}: give 2-D toy data "
+            f"({', '.join(TOY_DATA)})"
+        )
     if config is None:
         if name != "digits":
-            raise CommandError(f"--data {name!r}: pass --config (a bundled name or a .yml) for the model to train")
+            _check_data_name(name)
+            raise CommandError(
+                f"--data {name!r}: images of no bundled model: pass --config (a bundled name or a .yml) for the "
+                "model to train on them"
+            )
         from fastscore.models import get_config
 
         config = get_config("demo_digits")
@@ -301,17 +352,27 @@ def _train(args) -> int:
     from fastscore.train import run_folder
     from fastscore.train import train
 
+    if args.data is None and not args.resume:  # argparse's wording and status: a usage error
+        print(
+            "fastscore train: error: the following arguments are required: --data (unless --resume, which reads "
+            "it from the run) (see --help)",
+            file=sys.stderr,
+        )
+        return 2
     _set_threads(args.threads)
+    if args.resume and (args.config or args.set):
+        raise CommandError("--resume continues with the run's own config: leave out --config and --set")
+    if args.out is None and args.data is None:
+        raise CommandError("--resume: pass --out, the folder of the run to continue")
     out = args.out or os.path.join(
         "runs",
         f"{os.path.splitext(os.path.basename(args.config or 'default'))[0]}-"
         f"{os.path.splitext(os.path.basename(args.data.rstrip('/')))[0]}",
     )
     ckpt = os.path.join(out, CHECKPOINT_NAME)
-    if args.resume and (args.config or args.set):
-        raise CommandError("--resume continues with the run's own config: leave out --config and --set")
     if args.resume and not os.path.isfile(ckpt):
-        raise CommandError(f"--resume: no checkpoint {ckpt!r} to continue from")
+        hint = "" if args.out else " (pass --out, the run's folder)"
+        raise CommandError(f"--resume: no checkpoint {ckpt!r} to continue from{hint}")
     if not args.resume and os.path.exists(ckpt) and not args.force:
         raise CommandError(f"checkpoint {ckpt!r} exists; pass --resume to continue it or --force to start over")
     if args.export:
@@ -321,6 +382,7 @@ def _train(args) -> int:
         # Everything that can be refused is checked before any work: the config (fields, --set, its memory
         # estimate) and the output folder (writable, room for a checkpoint); then the run folder is locked.
         data = None
+        data_name, data_seed = args.data, args.seed
         loss, batch_size = args.loss or "dsm", args.batch_size
         if args.resume:
             from fastscore.models.configs import dict2namespace
@@ -330,22 +392,28 @@ def _train(args) -> int:
             meta = checkpoint_meta(read_checkpoint(ckpt, verify=False)) or {}  # train() verifies it
             config = dict2namespace(meta["config"]) if "config" in meta else None
             loss, batch_size = meta.get("loss", loss), batch_size or meta.get("batch_size")
+            data_seed = meta.get("seed", args.seed)  # a toy's points are drawn from the run's seed, as at its start
+            if data_name is None:
+                data_name = _run_data(meta, out)
         elif args.config:
             config = _apply_overrides(args.config, args.set)
         elif args.data in TOY_DATA:  # the toy config is made from the data (2-D points, milliseconds)
             data, config = _load_data(args.data, None, seed=args.seed)
             config = _apply_overrides(config, args.set)
-        else:
-            config = _apply_overrides("demo_digits", args.set) if args.data == "digits" else None
+        elif args.data == "digits":
+            config = _apply_overrides("demo_digits", args.set)
+        else:  # images of no bundled model: say which is wrong, the name or the missing --config
+            _check_data_name(args.data)
+            config = None
         params = check_memory(config, loss=loss, batch_size=batch_size) if config is not None else None
         existing = _check_output_folder(out)
         if params is not None:
             _check_free_space(existing, out, params, config)
         with run_folder(out):
             if data is None:
-                data, config = _load_data(args.data, config, seed=args.seed)
+                data, config = _load_data(data_name, config, seed=data_seed)
             print(
-                f"train: {len(data)} examples of shape {tuple(data.shape[1:])} from {args.data!r}; writing {out}/",
+                f"train: {len(data)} examples of shape {tuple(data.shape[1:])} from {data_name!r}; writing {out}/",
                 file=sys.stderr,
             )
             result = train(
@@ -358,7 +426,8 @@ def _train(args) -> int:
                 resume=args.resume,
                 loss=args.loss,
                 snapshot_freq=args.snapshot_freq,
-                data_name=args.data,
+                snapshot_samples=0 if args.no_samples else None,
+                data_name=data_name,
                 progress=not args.no_progress,
             )
         print(
@@ -367,6 +436,9 @@ def _train(args) -> int:
         )
         if result.samples:
             print(f"samples: {result.samples[-1]}")
+        elif not args.no_samples:
+            print("samples: none (the config's training.snapshot_sampling is false; "
+                  "--set training.snapshot_sampling=true draws a grid at every snapshot)")  # fmt: skip
         if args.export:
             writing = args.export
             size = export_checkpoint(result.checkpoint, args.export)
@@ -376,6 +448,23 @@ def _train(args) -> int:
     except OSError as exc:
         raise _write_failed(exc, writing) from None
     return 0
+
+
+def _run_data(meta: dict, out) -> str:
+    """The --data a run recorded in its checkpoint, for --resume without --data; CommandError saying why
+    when it cannot be used."""
+    name = meta.get("data")
+    if not isinstance(name, str) or not name or name == "tensor":
+        raise CommandError(
+            f"--resume: the run in {out!r} does not record its data (it was trained from Python on a tensor): "
+            "pass --data"
+        )
+    if name not in TOY_DATA and name != "digits" and not os.path.exists(name):
+        raise CommandError(
+            f"--resume: the run in {out!r} was trained on {name!r}, which is not found from here (a path relative "
+            "to the folder the run was started in?): pass --data"
+        )
+    return name
 
 
 def _check_free_space(folder: str, out, params: int, config) -> None:
@@ -420,6 +509,19 @@ def _output_kind(path: str, kinds=(".png", ".npz")) -> str:
     return ext
 
 
+# The predictor-corrector sampler needs about 3 time steps per noise level of a label-conditioned model:
+# on the shipped digits model (16 levels) 20 and 32 steps leave salt-and-pepper noise (mean difference of
+# neighbouring pixels 0.33 and 0.26, against 0.09 for the data), 40 a visible grain (0.11), 50 and 100 give
+# clean digits (0.088, 0.084); the reverse-diffusion predictor alone is the noisy part.
+PC_STEPS_PER_LEVEL = 3
+
+
+def pc_default_steps(levels: int) -> int:
+    """The predictor-corrector sampler's default number of time steps: 3 per noise level, at least 100 (fewer
+    than 3 per level warn: :func:`_too_few_steps`)."""
+    return max(PC_STEPS_PER_LEVEL * levels, 100)
+
+
 def _sde_for(model, config, meta, n_steps: int | None):
     """``(score_fn(x, t), sde)`` for the PC / ODE samplers and likelihoods: the VE SDE spanning the model's
     noise levels; a label-conditioned network gets the nearest level, ``round((T - t)(L - 1))``, as score_sde
@@ -432,7 +534,7 @@ def _sde_for(model, config, meta, n_steps: int | None):
 
     sigmas = get_sigmas(config).cpu()
     levels = len(sigmas)
-    sde = VESDE(sigma_min=float(sigmas[-1]), sigma_max=float(sigmas[0]), N=n_steps or max(levels, 100))
+    sde = VESDE(sigma_min=float(sigmas[-1]), sigma_max=float(sigmas[0]), N=n_steps or pc_default_steps(levels))
     if field(config, "model.arch", "any", None) == "ScoreMLP" and meta.get("loss") == "sde":
         return (lambda x, t: model(x, t) / sde.marginal_prob(x, t)[1][:, None]), sde
 
@@ -556,6 +658,38 @@ def _load_model(args, layers: str = "fused"):
     return model, config, meta
 
 
+def native_bf16() -> bool:
+    """Does this CPU compute in bfloat16 natively (AVX512-BF16 or AMX)? Elsewhere oneDNN emulates it, slower
+    than float32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _in_bf16(model, bf16: bool):
+    """The network run under CPU bfloat16 autocast (convolutions and linear layers in bfloat16, fastscore's
+    norms in float32), its output cast back to its input's dtype for the samplers."""
+    if not bf16:
+        return model
+    import torch
+
+    if not native_bf16():
+        raise CommandError("--bf16: this CPU has neither AVX512-BF16 nor AMX, where bfloat16 is slower than float32")
+
+    forward = model.forward
+
+    def forward_in_bf16(x, *args, **kwargs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = forward(x, *args, **kwargs)
+        return out.to(x.dtype)
+
+    model.forward = forward_in_bf16
+    return model
+
+
 def _compiled(model, compile: bool):
     """The network, wrapped in torch.compile (one graph: fastscore's layers trace whole) when asked for.
 
@@ -565,6 +699,54 @@ def _compiled(model, compile: bool):
     import torch
 
     return torch.compile(model, fullgraph=True, dynamic=False)
+
+
+def speed_words(seconds: float, ref_seconds: float) -> str:
+    """How fastscore's time compares with the reference's, in words: '1.90x faster', '1.04x slower'."""
+    if not seconds > 0 or not ref_seconds > 0:
+        return "not timed (a time of zero)"
+    ratio = ref_seconds / seconds
+    if round(ratio, 2) == 1.0:
+        return "as fast (1.00x)"
+    return f"{ratio:.2f}x faster" if ratio > 1 else f"{1 / ratio:.2f}x slower"
+
+
+ALD_MIN_FRACTION = 0.25  # of the config's n_steps_each * step_lr, below which `fastscore sample` warns
+
+
+def _too_few_steps(args, config) -> str | None:
+    """A warning when the sampler is asked for far fewer steps than the model needs (its samples are then
+    mostly noise), else None. See the README's "Command line" for the rules."""
+    from fastscore.models import get_sigmas
+    from fastscore.models.configs import field
+
+    if args.sampler == "ald" or args.mask:
+        if args.steps_each is None and args.step_lr is None:
+            return None
+        steps = field(config, "sampling.n_steps_each", "int+", 100)
+        lr = field(config, "sampling.step_lr", "number+", 2e-5)
+        given_steps, given_lr = args.steps_each or steps, args.step_lr or lr
+        # At level i a chain diffuses over about sigma_i * sqrt(2 n_steps_each step_lr) / sigma_L: with less than
+        # a quarter of the config's n_steps_each * step_lr it covers less than half the distance the config was
+        # tuned for. On the shipped digits model a tenth and a fifth of it give noise (1 or 2 steps at 5e-5, or 10
+        # at 5e-6), three tenths a faint grain, two fifths and more clean digits.
+        if given_steps * given_lr < ALD_MIN_FRACTION * steps * lr:
+            return (
+                f"{given_steps} Langevin step(s) per noise level at step_lr {given_lr:g} are less than a quarter of "
+                f"the config's {steps} at {lr:g} (counting steps x step_lr): the chains barely move at each level, "
+                "so expect noisy samples; leave out --steps-each and --step-lr for the config's settings"
+            )
+        return None
+    if args.sampler == "pc" and args.sde_steps is not None:
+        levels = len(get_sigmas(config))
+        if args.sde_steps < PC_STEPS_PER_LEVEL * levels:
+            return (
+                f"--sde-steps {args.sde_steps} gives {args.sde_steps / levels:.2g} time steps per noise level of this "
+                f"model ({levels} levels), and the predictor-corrector sampler needs about {PC_STEPS_PER_LEVEL} "
+                f"({PC_STEPS_PER_LEVEL * levels} steps): expect noisy samples (salt and pepper); leave out "
+                f"--sde-steps for the default, {pc_default_steps(levels)}"
+            )
+    return None
 
 
 def _sample(args) -> int:
@@ -582,10 +764,11 @@ def _sample(args) -> int:
     _set_threads(args.threads)
     try:
         model, config, meta = _load_model(args)
-        model = _compiled(model, args.compile)
+        model = _compiled(_in_bf16(model, args.bf16), args.compile)
         toy = field(config, "model.arch", "any", None) == "ScoreMLP"
-        if toy and kind == ".png":
-            raise CommandError("--out: a 2-D toy model's samples are points: write an .npz")
+        warning = _too_few_steps(args, config)
+        if warning:
+            print(f"fastscore sample: warning: {warning}", file=sys.stderr)
         known = mask = None
         if args.mask:
             if toy:
@@ -605,19 +788,30 @@ def _sample(args) -> int:
         samples, seconds = _timed(lambda: _run_sampler(args, model, config, meta, known, mask))
         print(f"sampled {args.n} with {args.sampler}{' (inpainting)' if mask is not None else ''} in {seconds:.1f} s")
         if args.reference:
-            ref_model = _compiled(_load_model(args, layers="reference")[0], args.compile)
+            ref_model = _compiled(_in_bf16(_load_model(args, layers="reference")[0], args.bf16), args.compile)
             _, ref_seconds = _timed(lambda: _run_sampler(args, ref_model, config, meta, known, mask))
-            print(f"reference layers: {ref_seconds:.1f} s; fastscore is {ref_seconds / seconds:.2f}x faster")
+            print(f"reference layers: {ref_seconds:.1f} s; fastscore is {speed_words(seconds, ref_seconds)}")
     except _user_errors() as exc:
         raise CommandError(str(exc)) from None
     try:  # atomically: a failed write leaves neither a partial file nor a temporary one
-        if kind == ".png":
+        if kind == ".png" and toy:  # 2-D points: a scatter plot, next to the toy data the model was trained on
+            from fastscore.data.images import save_scatter
+
+            data_name = meta.get("data")
+            if data_name in TOY_DATA:
+                from fastscore.data.toy import toy_sample
+
+                truth = toy_sample(data_name, args.n, seed=args.seed)
+                save_scatter(args.out, samples, data=truth, titles=[f"data ({data_name})", f"{args.sampler} samples"])
+            else:
+                save_scatter(args.out, samples, titles=[f"{args.sampler} samples"])
+        elif kind == ".png":
             if mask is not None:  # the masked inputs above their completions
                 from fastscore.data.images import inverse_data_transform
 
                 shown = inverse_data_transform(config, known) * mask + 0.5 * (1 - mask)
                 samples = torch.cat([shown, samples])
-            save_image_grid(args.out, samples, nrow=None if mask is None else min(args.n, 16), scale=2)
+            save_image_grid(args.out, samples, nrow=None if mask is None else min(args.n, 16))
         else:
             import io
 
@@ -648,7 +842,8 @@ def _likelihood(args) -> int:
     try:
         model, config, meta = _load_model(args)
         toy = field(config, "model.arch", "any", None) == "ScoreMLP"
-        data, config = _load_data(args.data, config, seed=args.seed, n=None if not toy else args.n)
+        data, config = _load_data(args.data, config, seed=args.seed, n=None if not toy else args.n,
+                                  model="the checkpoint's")  # fmt: skip
         pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[: args.n]
         x = data[pick]
         if not toy:
@@ -677,9 +872,9 @@ def _likelihood(args) -> int:
 # ---- fastscore demo -----------------------------------------------------------------------------------------
 
 DEMO_CHECKPOINT = "demo_digits.pth"
-# Sampling settings of the full demo (chosen on the shipped checkpoint: see the README).
-DEMO_STEPS_EACH = 10
-DEMO_STEP_LR = 5e-5
+# The demo samples the shipped checkpoint with the sampling settings of its config (the bundled demo_digits.yml,
+# which the checkpoint carries: 10 Langevin steps per level at step_lr 5e-5); --quick takes 3 steps per level.
+DEMO_QUICK_STEPS_EACH = 3
 
 
 def shipped_checkpoint() -> str:
@@ -718,12 +913,10 @@ def _demo_digits(out_dir: str, quick: bool) -> str:
         raise CommandError(f"the shipped checkpoint {path!r} is missing: reinstall fastscore")
     model, config, meta = model_from_checkpoint(path)
     model = model.to(memory_format=torch.channels_last)
-    n, steps_each = (16, 3) if quick else (64, DEMO_STEPS_EACH)
-    images, seconds = _timed(
-        lambda: sample(model, config, n, seed=0, n_steps_each=steps_each, step_lr=DEMO_STEP_LR, progress=not quick)
-    )
+    n, steps_each = (16, DEMO_QUICK_STEPS_EACH) if quick else (64, config.sampling.n_steps_each)
+    images, seconds = _timed(lambda: sample(model, config, n, seed=0, n_steps_each=steps_each, progress=not quick))
     target = os.path.join(out_dir, "demo_digits.png")
-    save_image_grid(target, images, nrow=8, scale=4)
+    save_image_grid(target, images, nrow=8)  # enlarged to at least 512 pixels: 4x for 8 columns of 16x16
     levels = config.model.num_classes
     print(f"(1) digits: {n} samples of NCSNv2 ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
           f"trained {meta.get('step', '?')} steps on scikit-learn's digits), annealed Langevin {levels} levels x "
@@ -863,12 +1056,18 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="side-by-side timings: reference formulation, torch.compile of it, fastscore (ratios)",
         description="Checks that all providers agree, then times them interleaved in this process and prints "
-        "medians and ratios; rows are appended to bench/results.csv (or ./fastscore-bench-results.csv).",
+        "medians and ratios; the rows are appended to a CSV history, ./fastscore-bench-results.csv unless --csv "
+        "names another (bench/results.csv, the history shipped with fastscore, changes only when named).",
     )
     p.add_argument("what", nargs="?", default="all", help="a bench name (an op, or 'all'; default all)")
     p.add_argument("--quick", action="store_true", help="one representative case per bench, fewer rounds")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device to run on (default cpu)")
     p.add_argument("--rounds", type=_positive_int, default=None, help="timed rounds per provider")
+    p.add_argument(
+        "--csv",
+        metavar="PATH",
+        help="append the rows to this CSV (default $FASTSCORE_BENCH_RESULTS, else ./fastscore-bench-results.csv)",
+    )
     p.add_argument("--no-record", action="store_true", help="do not append the results to the CSV history")
     p.set_defaults(func=_bench)
 
@@ -877,14 +1076,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a score network (annealed DSM, EMA, resumable checkpoints, sample grids)",
         description="Annealed denoising score matching (or SSM / continuous DSM) as ncsnv2 trains, with EMA "
         "weights; OUT/checkpoint.pth is rewritten atomically at every snapshot and at the end (ncsnv2's list "
-        "layout) with a grid of samples OUT/samples_<step>.png; --resume continues bitwise where it stopped.",
+        "layout), with a grid of samples OUT/samples_<step>.png (a scatter plot for the 2-D toys) when the "
+        "config's training.snapshot_sampling is true or absent; --resume continues bitwise where it stopped.",
     )
     p.add_argument(
         "--config",
         help="a bundled config (demo_digits, demo_tiny, cifar10, ...) or a .yml; default: demo_digits for "
         "--data digits, a ScoreMLP config for the 2-D toys",
     )
-    p.add_argument("--data", required=True, help=f"digits, {', '.join(TOY_DATA)}, a folder of images or an .npz")
+    p.add_argument(
+        "--data",
+        help=f"digits, {', '.join(TOY_DATA)}, a folder of images or an .npz (--resume: default the run's own)",
+    )
     p.add_argument("--steps", type=_positive_int, help="train until this step (default config.training.n_iters)")
     p.add_argument("--batch-size", type=_positive_int, help="default config.training.batch_size")
     p.add_argument("--out", help="output folder (default runs/<config>-<data>)")
@@ -892,6 +1095,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_seed, default=0, help="seed of weights, data order and noise")
     p.add_argument("--loss", choices=("dsm", "ssm", "sde"), help="dsm (default), ssm (sliced) or sde (continuous)")
     p.add_argument("--snapshot-freq", type=_positive_int, help="checkpoint + sample grid every N steps")
+    p.add_argument(
+        "--no-samples",
+        action="store_true",
+        help="no sample grids at the snapshots and the end (default: as config.training.snapshot_sampling; "
+        "on when absent, as for the toys)",
+    )
     p.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. model.ema_rate=0.995"
     )
@@ -918,11 +1127,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="images to inpaint (default: the checkpoint's training data)")
     p.add_argument("--steps-each", type=_positive_int, help="ald: Langevin steps per noise level")
     p.add_argument("--step-lr", type=_positive_float, help="ald: step size at the last level")
-    p.add_argument("--sde-steps", type=_positive_int, help="pc: time steps (default max(levels, 100))")
+    p.add_argument(
+        "--sde-steps",
+        type=_positive_int,
+        help="pc: time steps (default max(3 x noise levels, 100); below 3 per level warns)",
+    )
     p.add_argument("--snr", type=_positive_float, default=0.16, help="pc: corrector signal-to-noise ratio")
     p.add_argument("--reference", action="store_true", help="also run on reference layers and print the ratio")
     p.add_argument(
         "--compile", action="store_true", help="torch.compile the network first (compiling takes a minute or more)"
+    )
+    p.add_argument(
+        "--bf16",
+        action="store_true",
+        help="run the network under bfloat16 autocast (CPUs with AVX512-BF16 or AMX; ~1%% error in the score)",
     )
     p.add_argument("--no-ema", action="store_true", help="the raw training weights instead of the EMA ones")
     p.add_argument("--threads", type=_positive_int, help="torch CPU threads")
@@ -969,6 +1187,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        from fastscore import _namespace
+
+        _namespace.check()  # `python -m fastscore.cli` next to a clone named fastscore: say so, not a traceback later
+    except ImportError as exc:
+        print(f"fastscore {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    try:
         return args.func(args)
     except CommandError as exc:
         print(f"fastscore {args.command}: error: {exc}", file=sys.stderr)
@@ -976,6 +1201,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"fastscore {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`fastscore info | head`): stop quietly, as other command-line tools do;
+        # stdout is pointed at devnull so the interpreter's final flush does not raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except ValueError as exc:
         from fastscore._backend import SettingError
 

@@ -15,7 +15,8 @@ allocated, no chain of eager ops runs and nothing waits for the device:
   preallocated buffers, then the update pass.
 
 ``seed=None`` draws a seed from torch's default CPU generator (``torch.manual_seed`` then fixes it).
-``progress=True`` shows a progress bar (tqdm when installed, else a line on stderr). Each sampler returns
+``progress=True`` reports progress on stderr with an ETA (a bar on a terminal, tqdm's when installed; whole
+lines, no carriage returns, when stderr is a file or a pipe). Each sampler returns
 the final batch, or ``(final, intermediates)`` with ``return_intermediates=True`` (CPU copies of the
 state after every ``intermediate_every``-th step; ncsn's variant records the state before each update).
 The input ``x`` is never modified. Score functions are called under ``torch.no_grad()``; what they return
@@ -66,12 +67,12 @@ from __future__ import annotations
 
 import math
 import numbers
-import sys
 
 import torch
 from torch import Tensor
 
 from fastscore import sde as sde_lib
+from fastscore._progress import Progress
 from fastscore._score import check_score
 from fastscore.ops import langevin_step as _ls
 
@@ -245,47 +246,10 @@ def _outside_noise(noise) -> _OutsideNoise | None:
 # ---- the loop's pieces -----------------------------------------------------------------------------------
 
 
-class _TextBar:
-    """A minimal progress line on stderr, for when tqdm is not installed."""
-
-    def __init__(self, total: int, desc: str):
-        self.total, self.desc, self.n = total, desc, 0
-        self.every = max(1, total // 100)
-        self._show()
-
-    def _show(self):
-        pct = 100.0 * self.n / self.total if self.total else 100.0
-        sys.stderr.write(f"\r{self.desc}: {self.n}/{self.total} ({pct:5.1f}%)")
-        sys.stderr.flush()
-
-    def update(self, n: int = 1):
-        self.n += n
-        if self.n % self.every == 0 or self.n == self.total:
-            self._show()
-
-    def close(self):
-        sys.stderr.write("\n")
-        sys.stderr.flush()
-
-
-class _Progress:
-    def __init__(self, total: int, enabled: bool, desc: str):
-        self.bar = None
-        if enabled:
-            try:
-                from tqdm.auto import tqdm
-            except ImportError:
-                self.bar = _TextBar(total, desc)
-            else:
-                self.bar = tqdm(total=total, desc=desc)
-
-    def update(self):
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
+def _progress_bar(total: int, enabled: bool, desc: str) -> Progress:
+    """The samplers' progress report (fastscore._progress: tqdm or a redrawn line on a terminal, whole lines
+    with an ETA elsewhere)."""
+    return Progress(total, desc, enabled=enabled)
 
 
 class _Chain:
@@ -411,9 +375,13 @@ def langevin(
         steps = step_size.detach().to("cpu", torch.float64).expand(N)
         if not bool((steps >= 0).all()) or not bool(torch.isfinite(steps).all()):
             raise ValueError("step_size: expected non-negative finite values")
-        table = [_langevin_row(s) for s in steps.tolist()]
+        values = steps.tolist()
     else:
-        table = [_langevin_row(_number(step_size, "step_size"))]
+        values = [_number(step_size, "step_size")]
+    limit, why = _ls._step_limit(x)  # the fused update's own bound: a larger step overflows the update
+    if not all(v <= limit for v in values):
+        raise ValueError(f"step_size: {why}; got {max(values)!r}")
+    table = [_langevin_row(v) for v in values]
     _flag(progress, "progress")
     _flag(return_intermediates, "return_intermediates")
     every = _intermediate_every(intermediate_every)
@@ -422,7 +390,7 @@ def langevin(
     with torch.no_grad():
         chain = _Chain(_start(x), seed, sample_offset, return_intermediates, every, outside)
         coef = torch.tensor(table, dtype=chain.acc, device=x.device).expand(N, 3)
-        bar = _Progress(n_steps, progress, "langevin")
+        bar = _progress_bar(n_steps, progress, "langevin")
         try:
             for _ in range(n_steps):
                 chain.update(chain.score(score_fn(chain.x)), coef)
@@ -483,7 +451,7 @@ def annealed_langevin(
         rows = chain.rows([_langevin_row(step_lr * (s / sig[-1]) ** 2) for s in sig])
         labels = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
         record_before = variant == "ncsn"
-        bar = _Progress(L * n_steps_each, progress, "annealed langevin")
+        bar = _progress_bar(L * n_steps_each, progress, "annealed langevin")
         try:
             for level in range(L):
                 labels.fill_(level)
@@ -589,7 +557,7 @@ def annealed_langevin_inpainting(
             perturbed.mul_(level_sigma[level]).add_(known_x)
             state.lerp_(perturbed, mask_x)  # x <- mask k + (1 - mask) x
 
-        bar = _Progress(L * n_steps_each, progress, "annealed langevin inpainting")
+        bar = _progress_bar(L * n_steps_each, progress, "annealed langevin inpainting")
         try:
             for level in range(L):
                 labels.fill_(level)
@@ -857,7 +825,7 @@ def pc_sampler(
                 corr_rows = chain.rows([_langevin_row(e) for e in _expected_norm_steps(sde, ts, alphas, snr)])
         n_corr = 0 if corrector == "none" else n_corrector_steps
         x_mean = torch.empty_like(x) if denoise and predictor != "none" else None
-        bar = _Progress(len(ts), progress, "pc sampler")
+        bar = _progress_bar(len(ts), progress, "pc sampler")
         try:
             for i, t in enumerate(ts):
                 t_buf.fill_(t)

@@ -3,7 +3,9 @@
 One loop for the image models (NCSN / NCSNv2 family, from a config) and the toy :class:`ScoreMLP` on 2-D
 data. Per step, as ermongroup/ncsnv2's ``NCSNRunner.train``: ``data_transform``, the loss, ``zero_grad``,
 ``backward``, the optimizer step (Adam / RMSProp / SGD from ``config.optim``), then the EMA update
-(ncsnv2's ``EMAHelper``: ``s <- (1 - mu) p + mu s``, no warm-up). Losses (fastscore.losses):
+(ncsnv2's ``EMAHelper``: ``s <- (1 - mu) p + mu s``; no warm-up, as ncsnv2, unless the config sets
+``model.ema_warmup: true``, as the toys' configs do: then diffusers' ``mu_t = min(mu, (1 + t) / (10 + t))``,
+see :class:`EMAHelper`). Losses (fastscore.losses):
 
 * ``"dsm"`` (default): annealed denoising score matching, ``anneal_power`` from ``config.training``;
 * ``"ssm"``: annealed sliced score matching (ncsn's ``anneal_sliced_score_estimation_vr``);
@@ -35,7 +37,6 @@ import copy
 import math
 import operator
 import os
-import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -46,10 +47,12 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from fastscore._progress import Progress
 from fastscore.data.images import data_transform
 from fastscore.data.images import inverse_data_transform
 from fastscore.data.images import remove_stale_temps
 from fastscore.data.images import save_image_grid
+from fastscore.data.images import save_scatter
 from fastscore.data.images import temp_name
 from fastscore.models import ConfigError
 from fastscore.models import get_config
@@ -110,15 +113,33 @@ class TrainError(ValueError):
 class EMAHelper:
     """ncsnv2's ``EMAHelper(mu)``: a shadow copy of every trainable parameter, keyed by its (un-prefixed) name.
 
-    ``update``: ``shadow <- (1 - mu) * param + mu * shadow`` (ncsnv2's arithmetic order; no warm-up), so
-    after ``n`` updates the initial weights still carry ``mu**n`` of the average: with ``mu = 0.999`` train
-    for many thousand steps or lower ``model.ema_rate``. ``state_dict()`` is the shadow dict itself, which is
-    what ncsnv2 writes as the fifth checkpoint entry.
+    ``update``: ``shadow <- (1 - mu) * param + mu * shadow`` (ncsnv2's arithmetic order). Without warm-up
+    (ncsnv2's rule, the default) ``mu`` is constant, so after ``n`` updates the initial weights still carry
+    ``mu**n`` of the average: with ``mu = 0.999`` train for many thousand steps or lower ``model.ema_rate``.
+
+    ``warmup=True`` (``model.ema_warmup`` in a config) uses diffusers' EMA warm-up instead: the ``t``-th
+    update (``t`` = 0, 1, ... updates made before it) uses ``mu_t = min(mu, (1 + t) / (10 + t))``, and the
+    first (``t = 0``) copies the weights (``mu_0 = 0``); so early on the average spans about ``(10 + t) / 9``
+    steps (12 at step 100) and the random initial weights are forgotten. ``update(module,
+    step)`` takes ``t`` from the training step (``t = step - 1`` for the update after step ``step``), so a
+    resumed run continues the schedule. ``state_dict()`` is the shadow dict itself, which is what ncsnv2
+    writes as the fifth checkpoint entry.
     """
 
-    def __init__(self, mu: float = 0.999):
+    def __init__(self, mu: float = 0.999, *, warmup: bool = False):
         self.mu = float(mu)
+        self.warmup = bool(warmup)
+        self.updates = 0
         self.shadow: dict[str, Tensor] = {}
+
+    def decay(self, t: int) -> float:
+        """The rate of the ``t``-th update (``t`` updates before it): ``mu``, or with warm-up
+        ``min(mu, (1 + t) / (10 + t))`` and 0 for ``t = 0`` (diffusers' ``EMAModel.get_decay``)."""
+        if not self.warmup:
+            return self.mu
+        if t <= 0:
+            return 0.0
+        return min(self.mu, (1 + t) / (10 + t))
 
     @staticmethod
     def _named(module: nn.Module):
@@ -130,9 +151,14 @@ class EMAHelper:
             self.shadow[name] = param.data.clone()
 
     @torch.no_grad()
-    def update(self, module: nn.Module) -> None:
+    def update(self, module: nn.Module, step: int | None = None) -> None:
+        """One EMA update; ``step``: the training step just taken (1-based), which sets the warm-up's ``t =
+        step - 1``; without it, the number of updates this helper has made."""
+        t = self.updates if step is None else int(step) - 1
+        mu = self.decay(t)
         for name, param in self._named(module):
-            self.shadow[name] = (1.0 - self.mu) * param.data + self.mu * self.shadow[name]
+            self.shadow[name] = (1.0 - mu) * param.data + mu * self.shadow[name]
+        self.updates = t + 1
 
     @torch.no_grad()
     def ema(self, module: nn.Module) -> None:
@@ -178,6 +204,7 @@ def toy_config(data: Tensor, *, name: str = "toy") -> object:
                 "sigma_dist": "geometric",
                 "ema": True,
                 "ema_rate": 0.999,
+                "ema_warmup": True,
             },
             "optim": {
                 "optimizer": "Adam",
@@ -607,8 +634,19 @@ def sample(
     else:
         c, s = config.data.channels, config.data.image_size
         x = data_transform(config, torch.rand(n, c, s, s, generator=gen))
+    score = model
+    if getattr(model, "conditioning", None) == "time":
+        # A ScoreMLP trained with loss "sde" takes the VE SDE's time and learns sigma_t * score: level i is the
+        # time whose marginal std is sigma_i (sigma_t = sigma_L (sigma_1 / sigma_L)^t).
+        levels = sigmas.to(device)
+        span = torch.log(levels[0] / levels[-1])
+        times = torch.log(levels / levels[-1]) / span if float(span) > 0 else torch.ones_like(levels)
+
+        def score(h, labels):
+            return model(h, times[labels].to(h.dtype)) / levels[labels, None].to(h.dtype)
+
     out = annealed_langevin(
-        model, x.to(device), sigmas.to(device), n_steps_each=n_steps_each, step_lr=step_lr, denoise=denoise,
+        score, x.to(device), sigmas.to(device), n_steps_each=n_steps_each, step_lr=step_lr, denoise=denoise,
         seed=seed, progress=progress,
     )  # fmt: skip
     return out if _is_toy(config) else inverse_data_transform(config, out)
@@ -618,40 +656,20 @@ def sample(
 
 
 class _Progress:
-    """tqdm when installed, else a line on stderr every ~5% of the steps."""
+    """The training loop's progress (fastscore._progress: a bar on a terminal, tqdm's when installed; whole
+    lines with the loss, the rate and an ETA when stderr is a file or a pipe)."""
 
     def __init__(self, total: int, initial: int, enabled: bool):
-        self.bar = None
-        self.enabled = enabled
-        self.total, self.n, self.initial = total, initial, initial
-        self.every = max(1, (total - initial) // 20)
-        self.start = time.perf_counter()
-        if enabled:
-            try:
-                from tqdm.auto import tqdm
-
-                self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
-            except ImportError:
-                pass
+        self.bar = Progress(total, "train", initial=initial, unit="step", enabled=enabled)
 
     def update(self, loss: float) -> None:
-        self.n += 1
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
-            self.bar.update(1)
-        elif self.enabled and (self.n % self.every == 0 or self.n == self.total):
-            rate = (time.perf_counter() - self.start) / max(1, self.n - self.initial)
-            print(f"train: step {self.n}/{self.total}  loss {loss:.4g}  ({rate:.2f} s/step)", file=sys.stderr)
+        self.bar.update(1, postfix=f"loss {loss:.4g}")
 
     def write(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.write(text, file=sys.stderr)
-        elif self.enabled:
-            print(text, file=sys.stderr)
+        self.bar.write(text)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.bar.close()
 
 
 # ---- the loop --------------------------------------------------------------------------------------------------
@@ -702,8 +720,8 @@ def train(
     resume: bool = False,
     loss: str | None = None,
     snapshot_freq: int | None = None,
-    snapshot_samples: int = 36,
-    snapshot_steps_each: int = 5,
+    snapshot_samples: int | None = None,
+    snapshot_steps_each: int | None = None,
     data_name: str = "tensor",
     progress: bool = True,
     channels_last: bool | None = None,
@@ -712,8 +730,12 @@ def train(
     """Train the network ``config`` describes on ``data`` (N, C, H, W) images in [0, 1] (or (N, D) vectors
     for a ScoreMLP config) until step ``steps`` (default ``config.training.n_iters``), writing
     ``out_dir/checkpoint.pth`` at every snapshot (``snapshot_freq``, default ``config.training.snapshot_freq``)
-    and at the end, plus ``out_dir/samples_<step>.png`` (a grid of ``snapshot_samples`` EMA samples with
-    ``snapshot_steps_each`` Langevin steps per level; 0 for none) for image models.
+    and at the end, plus ``out_dir/samples_<step>.png``: a grid of ``snapshot_samples`` EMA samples for
+    image models, a scatter plot of the data and ``snapshot_samples`` EMA samples for the toys, with
+    ``snapshot_steps_each`` Langevin steps per level. Default: as the config's ``training.snapshot_sampling``
+    says (ncsnv2's switch; on when absent, as in the toys' configs), 36 images or 500 points, 5 steps per
+    level for images and the config's ``sampling.n_steps_each`` for the toys; ``snapshot_samples=0``: none.
+    The grids use the samplers' own counter-based noise: drawing them or not changes no weight.
 
     ``resume=True`` continues from ``out_dir/checkpoint.pth``: weights, optimizer, EMA, step, data order
     and generators as they were, so the result is bitwise that of one run; the checkpoint's config, loss,
@@ -746,6 +768,23 @@ def check_seed(seed) -> int:
     if isinstance(seed, bool) or not 0 <= value <= SEED_MAX:
         raise TrainError(f"seed: expected an integer in [0, {SEED_MAX}], got {seed!r}")
     return value
+
+
+TOY_SNAPSHOT_POINTS = 500
+IMAGE_SNAPSHOT_SAMPLES = 36
+
+
+def _snapshot_sampling(config, samples: int | None, steps_each: int | None) -> tuple[int, int | None]:
+    """(how many samples each snapshot draws, Langevin steps per level): ``samples`` when given (0: none),
+    else per the config's ``training.snapshot_sampling`` (ncsnv2's switch; on when absent, as in the toys'
+    configs): 36 images or 500 toy points. Steps: ``steps_each`` when given, else 5 for images (a quick
+    look) and the config's ``sampling.n_steps_each`` for the toys (their network costs nothing)."""
+    if samples is None:
+        wanted = field(config, "training.snapshot_sampling", "bool", True)
+        samples = (TOY_SNAPSHOT_POINTS if _is_toy(config) else IMAGE_SNAPSHOT_SAMPLES) if wanted else 0
+    if steps_each is None:
+        steps_each = None if _is_toy(config) else 5
+    return samples, steps_each
 
 
 def _train(
@@ -782,7 +821,8 @@ def _train(
         model = model.to(memory_format=torch.channels_last)
     optimizer = get_optimizer(config, model.parameters())
     use_ema = field(config, "model.ema", "bool", False)
-    ema = EMAHelper(mu=field(config, "model.ema_rate", "any", 0.999)) if use_ema else None
+    warmup = field(config, "model.ema_warmup", "bool", False)
+    ema = EMAHelper(mu=field(config, "model.ema_rate", "any", 0.999), warmup=warmup) if use_ema else None
     if ema is not None:
         ema.register(model)
     sigmas = get_sigmas(config).to(device)
@@ -831,6 +871,7 @@ def _train(
             },
         }
 
+    n_samples, steps_each = _snapshot_sampling(config, snapshot_samples, snapshot_steps_each)
     result = TrainResult(checkpoint=path, step=step, loss=math.nan, seconds=0.0)
     bar = _Progress(steps, step, progress)
     start = time.perf_counter()
@@ -852,7 +893,7 @@ def _train(
             value.backward()
             optimizer.step()
             if ema is not None:
-                ema.update(model)
+                ema.update(model, step)
             result.loss = float(value.detach())
             if not math.isfinite(result.loss):
                 raise TrainError(f"the loss is {result.loss} at step {step}: lower optim.lr or check the data")
@@ -860,13 +901,18 @@ def _train(
             bar.update(result.loss)
             if step % snapshot_freq == 0 or step == steps:
                 save_checkpoint(path, model, optimizer, ema, epoch, step, extra())
-                if snapshot_samples and not _is_toy(config):
+                if n_samples:
                     grid = os.path.join(out_dir, f"samples_{step}.png")
                     twin = ema.ema_copy(model) if ema is not None else model
                     twin.eval()
-                    images = sample(twin, config, snapshot_samples, seed=seed, n_steps_each=snapshot_steps_each)
+                    drawn = sample(twin, config, n_samples, seed=seed, n_steps_each=steps_each)
                     model.train()
-                    save_image_grid(grid, images, scale=2)
+                    if _is_toy(config):  # 2-D points: the data (spread over the set) and the samples side by side
+                        what = "EMA samples" if ema is not None else "samples"
+                        shown = data[torch.linspace(0, n - 1, min(n, n_samples)).long()]
+                        save_scatter(grid, drawn, data=shown, titles=[f"data ({data_name})", f"{what}, step {step}"])
+                    else:
+                        save_image_grid(grid, drawn)
                     result.samples.append(grid)
                 bar.write(f"step {step}: loss {result.loss:.4g}, checkpoint {path}")
     finally:

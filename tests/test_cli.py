@@ -29,6 +29,9 @@ def test_info_lists_versions_and_every_backend(capsys):
         (["bench", "--rounds", "0"], 2, "--rounds: expected a positive integer"),
         (["bench", "--device", "tpu"], 2, "--device: invalid choice"),
         (["bench", "no_such_op", "--no-record"], 1, "no bench named 'no_such_op'"),
+        (["bench", "elu", "--csv", "r.csv", "--no-record"], 1, "--csv and --no-record contradict each other"),
+        (["bench", "elu", "--csv", "/no/such/folder/r.csv"], 1, "--csv '/no/such/folder/r.csv': folder"),
+        (["bench", "elu", "--csv", "/"], 1, "--csv '/': '/' is a folder"),
     ],
 )
 def test_bad_arguments_exit_nonzero_with_one_line(args, status, message):
@@ -76,9 +79,59 @@ def test_bench_harness_checks_agreement_then_reports_ratios(tmp_path, capsys):
         written = list(csv.DictReader(f))
     assert list(written[0]) == _harness.FIELDS and written[0]["ns_per_element"] == "" and written[0]["op"] == "1"
     assert [r["provider"] for r in written[1:]] == [r.provider for r in rows]
+    # a new history: created with its header, in the file the bench's run names
+    new = tmp_path / "new.csv"
+    again = _harness.run("cond_instance_norm", [case], rounds=1, device="cpu", quick=True, csv_path=str(new))
+    with open(new) as f:
+        written = list(csv.DictReader(f))
+    assert list(written[0]) == _harness.FIELDS and [r["provider"] for r in written] == [r.provider for r in again]
     print(_harness.format_table("t", rows))
     out = capsys.readouterr().out
     assert "eager/x" in out and "ns/elem" in out
+
+
+def test_bench_writes_its_csv_to_the_current_folder_unless_told(tmp_path, monkeypatch):
+    """`fastscore bench` never appends to the shipped history bench/results.csv by default (a user's checkout
+    stays clean): ./fastscore-bench-results.csv, or the file --csv names; --no-record writes none."""
+    import types
+
+    from fastscore._bench import _harness
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FASTSCORE_BENCH_RESULTS", raising=False)
+    default = tmp_path / "fastscore-bench-results.csv"
+    assert _harness.results_path() == str(default)
+    assert _harness.results_path("sub/r.csv") == str(tmp_path / "sub" / "r.csv")
+    monkeypatch.setenv("FASTSCORE_BENCH_RESULTS", str(tmp_path / "env.csv"))
+    assert _harness.results_path() == str(tmp_path / "env.csv")
+    monkeypatch.delenv("FASTSCORE_BENCH_RESULTS")
+
+    calls = []  # a stand-in bench: what `fastscore bench` passes on
+    fake = types.ModuleType("fastscore._bench.bench_fake")
+    fake.run = lambda **kwargs: calls.append(kwargs)
+    monkeypatch.setitem(sys.modules, "fastscore._bench.bench_fake", fake)
+    monkeypatch.setattr(cli, "bench_names", lambda: ["fake"])
+    assert cli.main(["bench", "fake"]) == 0
+    assert cli.main(["bench", "fake", "--csv", "mine.csv"]) == 0
+    assert cli.main(["bench", "fake", "--no-record"]) == 0
+    assert [(c["record"], c["csv_path"]) for c in calls] == [
+        (True, str(default)),
+        (True, str(tmp_path / "mine.csv")),
+        (False, None),
+    ]
+
+
+def test_bench_refuses_a_csv_that_is_not_a_bench_history(tmp_path, capsys):
+    """Appending would rewrite a foreign CSV with the bench's columns: refused before any bench runs."""
+    from fastscore._bench import _harness
+
+    other = tmp_path / "data.csv"
+    other.write_text("name,value\na,1\n")
+    assert cli.main(["bench", "elu", "--csv", str(other)]) == 1
+    assert "is not a fastscore bench history (its columns: name, value)" in capsys.readouterr().err
+    assert other.read_text() == "name,value\na,1\n"
+    with pytest.raises(ValueError, match="not a fastscore bench history"):
+        _harness.append_results("elu", [], device="cpu", quick=True, path=str(other))
 
 
 def test_bench_agreement_check_catches_a_wrong_provider():
@@ -90,3 +143,17 @@ def test_bench_agreement_check_catches_a_wrong_provider():
     providers["fastscore"] = lambda: good() + 1e-2
     with pytest.raises(AssertionError, match="forward: fastscore"):
         _harness.measure(_harness.Case("broken", providers, _harness.agree_with("eager", what="forward")), rounds=1)
+
+
+def test_info_into_a_closed_pipe_ends_quietly():
+    """`fastscore info | head -1`: the reader leaves early; no BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fastscore.cli", "info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    proc.stdout.readline()
+    proc.stdout.close()  # the reader goes away with output still to come
+    _, err = proc.communicate(timeout=120)
+    assert b"Traceback" not in err and b"BrokenPipeError" not in err, err.decode()

@@ -430,3 +430,31 @@ def test_matches_ncsnv2_formulation_with_instance_norm():
     ncsnv2 = gamma.view(-1, 6, 1, 1) * h + beta.view(-1, 6, 1, 1)
     torch.testing.assert_close(cond_instance_norm_ref(x, gamma, alpha, beta), ncsnv2, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(cond_instance_norm(x, gamma, alpha, beta), ncsnv2, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "x_dtype,p_dtype",
+    [(torch.float32, torch.float64), (torch.float64, torch.float32), (torch.float16, torch.float32),
+     (torch.bfloat16, torch.float64)],
+)  # fmt: skip
+def test_mixed_dtypes_give_x_dtype_in_op_and_reference(backend, x_dtype, p_dtype):
+    """The promotion rule: the result has x's dtype, whatever the parameters' dtypes, in the fused op and in
+    the reference alike (the reference computes in the promoted dtype, then rounds to x's); gradients come
+    back in each input's own dtype. The layers promote x first (ncsnv2's dtype): test_normalization."""
+    shape = (2, 5, 6, 7)
+    x = make_x(shape, x_dtype)
+    gamma, alpha, beta, act = make_params(shape, p_dtype, "plus_cond_elu")
+    with use(backend):
+        out = cond_instance_norm(x, gamma, alpha, beta, act=act)
+    ref = cond_instance_norm_ref(x, gamma, alpha, beta, act=act)
+    assert out.dtype == ref.dtype == x_dtype
+    exact = cond_instance_norm_ref(x.double(), gamma.double(), alpha.double(), beta.double(), act=act)
+    tol = {torch.float64: 1e-6, torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[x_dtype]
+    torch.testing.assert_close(out.double(), exact, rtol=tol, atol=tol)
+    torch.testing.assert_close(ref.double(), exact, rtol=tol, atol=tol)
+    leaves = [t.detach().requires_grad_() for t in (x, gamma, alpha, beta)]
+    for fn in (cond_instance_norm, cond_instance_norm_ref):
+        with use(backend):
+            grads = torch.autograd.grad(fn(*leaves, act=act).float().sum(), leaves)
+        assert [g.dtype for g in grads] == [x_dtype, p_dtype, p_dtype, p_dtype]

@@ -850,3 +850,13 @@ def test_bad_score_leaves_inputs_alone():
     with pytest.raises(ValueError, match="score_fn"):
         sampling.annealed_langevin(lambda x, y: x[:1], x, [1.0], n_steps_each=2, step_lr=0.1)
     assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("step", [1e300, torch.tensor([1e300, 0.1])], ids=["float", "tensor"])
+def test_langevin_refuses_a_step_the_update_overflows(step):
+    """A step that is finite in float64 but not in x's float32 (or whose 2 * step is not) is refused, as
+    langevin_step_ refuses it, instead of returning inf / NaN samples."""
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="step_size"):
+        sampling.langevin(lambda x: -x, x, step_size=step, n_steps=1, seed=0)
+    assert not x.any()

@@ -8,8 +8,9 @@
 
 :func:`load_dataset` returns an ``(N, C, H, W)`` float32 tensor; :func:`data_transform` /
 :func:`inverse_data_transform` are ncsnv2's (dequantisation, ``rescaled``, logit transform) and
-:func:`save_image_grid` writes a grid of images as a PNG (with Pillow when installed, otherwise with the
-small PNG writer here, so sampling needs no optional dependency).
+:func:`save_image_grid` writes a grid of images as a PNG, small images enlarged to a grid at least 512 pixels
+wide, and :func:`save_scatter` 2-D points as a scatter plot (with the small PNG writer here, so sampling needs
+no optional dependency; Pillow, when installed, draws the scatter plots' titles).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ __all__ = [
     "save_image_grid",
     "write_png",
     "scatter_panels",
+    "save_scatter",
+    "grid_scale",
 ]
 
 IMAGE_DATASETS = ("digits",)
@@ -349,12 +352,66 @@ def atomic_write_bytes(path, payload: bytes) -> None:
             os.remove(tmp)
 
 
-def save_image_grid(path, images: Tensor, *, nrow: int | None = None, padding: int = 2, scale: int = 1) -> None:
-    """Save ``(N, C, H, W)`` images in [0, 1] as one PNG grid; ``scale`` enlarges each pixel (nearest)."""
+GRID_MIN_WIDTH = 512  # pixels: small images are enlarged until their grid is at least this wide
+GRID_MAX_SCALE = 32
+
+
+def grid_scale(width: int, min_width: int = GRID_MIN_WIDTH) -> int:
+    """The integer factor that makes a grid ``width`` pixels wide at least ``min_width`` wide (1 when it
+    already is; at most :data:`GRID_MAX_SCALE`)."""
+    return max(1, min(GRID_MAX_SCALE, math.ceil(min_width / max(1, width))))
+
+
+def save_image_grid(
+    path, images: Tensor, *, nrow: int | None = None, padding: int = 2, scale: int | None = None
+) -> None:
+    """Save ``(N, C, H, W)`` images in [0, 1] as one PNG grid. ``scale`` enlarges each pixel into a
+    ``scale`` x ``scale`` block (nearest neighbour); default: the smallest integer that makes the grid at
+    least 512 pixels wide (16 samples of 16x16, a 74-pixel grid, are drawn 7x: 518 pixels), at most 32;
+    ``scale=1`` keeps the images' own size."""
     array = image_grid(images, nrow=nrow, padding=padding)
+    if scale is None:
+        scale = grid_scale(array.shape[1])
     if scale > 1:
         array = array.repeat(scale, axis=0).repeat(scale, axis=1)
     write_png(path, array)
+
+
+def _nice_limit(value: float) -> float:
+    """The smallest of 1, 2, 2.5, 5 times a power of ten that is >= ``value`` (> 0)."""
+    power = 10.0 ** math.floor(math.log10(value))
+    for m in (1.0, 2.0, 2.5, 5.0, 10.0):
+        if m * power >= value * (1 - 1e-12):
+            return m * power
+    return 10.0 * power
+
+
+def scatter_limit(points: Tensor, *, quantile: float = 1.0) -> float:
+    """A round half-width for a square view around the origin holding 2-D ``points`` (their ``quantile`` of
+    the largest absolute coordinate, plus 10%); 1 for no finite points."""
+    pts = torch.as_tensor(points, dtype=torch.float64).reshape(-1)
+    pts = pts[torch.isfinite(pts)].abs()
+    if pts.numel() == 0:
+        return 1.0
+    extent = float(pts.max()) if quantile >= 1 else float(torch.quantile(pts, quantile))
+    return _nice_limit(1.1 * extent) if extent > 0 else 1.0
+
+
+def save_scatter(path, samples, *, data=None, titles=None, size: int = 320) -> None:
+    """2-D samples as a PNG scatter plot (:func:`scatter_panels`): one panel, or the data and the samples
+    side by side on the same axes when ``data`` is given. The view is a square around the origin sized to
+    hold the data (without data: 99.5% of the samples); a panel's title says how many points fall outside."""
+    samples = torch.as_tensor(samples).detach().cpu().double()
+    panels = [samples] if data is None else [torch.as_tensor(data).detach().cpu().double(), samples]
+    lim = scatter_limit(panels[0], quantile=1.0) if data is not None else scatter_limit(samples, quantile=0.995)
+    if titles is None:
+        titles = ["samples"] if data is None else ["data", "samples"]
+    shown = []
+    for points, title in zip(panels, titles):
+        outside = int((~(points.abs() <= lim).all(dim=1)).sum())  # NaN counts as outside
+        shown.append(f"{title} ({outside} of {len(points)} outside)" if outside else title)
+    colors = [(31, 119, 180)] if data is None else [(90, 90, 90), (31, 119, 180)]
+    scatter_panels(path, panels, lim=lim, size=size, colors=colors, titles=shown)
 
 
 def scatter_panels(

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn as nn
 
+from fastscore import _namespace  # noqa: F401  (refuses a folder in fastscore's place, before configs are read)
 from fastscore.models.checkpoints import CheckpointError
 from fastscore.models.checkpoints import read_torch_file
 from fastscore.models.checkpoints import verify_checksums

@@ -54,12 +54,23 @@ def cond_instance_norm_ref(
     where :math:`\operatorname{var}^u_c` is the **unbiased** variance across the C channel means
     (torch.var's default, so C must be at least 2 when ``alpha`` is given). Without ``alpha`` the
     :math:`\alpha\hat\mu` term is absent (plain conditional instance norm); without ``beta`` it is 0.
-    ``act`` is None or ``"elu"`` (alpha = 1). Computed in ``x``'s dtype (parameters promote as usual).
+    ``act`` is None or ``"elu"`` (alpha = 1).
+
+    Dtypes, as :func:`cond_instance_norm`: **the result has x's dtype**, whatever the parameters' dtypes.
+    Computed in the dtype ``x`` and the parameters promote to (torch's rule: float32 ``x`` with float64
+    parameters is computed in float64), then rounded to ``x``'s dtype. To get torch's promoted dtype instead
+    (what ncsnv2's layers return), promote ``x`` first, as fastscore.nn's layers do.
     """
 
     def per_channel(p: Tensor) -> Tensor:  # (N, C) or (C,) -> broadcastable against (N, C, H, W)
         return p[..., None, None]
 
+    out_dtype = x.dtype
+    compute = x.dtype
+    for p in (gamma, alpha, beta):
+        if p is not None and p.dtype != compute:
+            compute = torch.promote_types(compute, p.dtype)
+    x = x.to(compute)
     mean = x.mean(dim=(2, 3))
     var = x.var(dim=(2, 3), unbiased=False)
     h = (x - per_channel(mean)) / torch.sqrt(per_channel(var) + eps)
@@ -71,7 +82,7 @@ def cond_instance_norm_ref(
         out = out + per_channel(beta)
     if act == "elu":
         out = F.elu(out)
-    return out
+    return out.to(out_dtype)
 
 
 # ---- 2. custom ops and their implementations ------------------------------------------------------
@@ -329,7 +340,9 @@ def cond_instance_norm(
     norm); ``beta=None`` drops the shift; ``act`` is None or ``"elu"``.
 
     Numerics: statistics and arithmetic in float32 (float64 for float64 ``x``); the result has
-    ``x``'s dtype and memory layout. Differentiable in forward and reverse mode, twice.
+    ``x``'s dtype and memory layout, whatever the parameters' dtypes (float32 ``x`` with float64 parameters
+    gives float32, as :func:`cond_instance_norm_ref` does; promote ``x`` first for torch's promoted dtype, as
+    the layers in fastscore.nn do to match ncsnv2). Differentiable in forward and reverse mode, twice.
     NaN or inf in a plane makes that plane's output NaN (with ``alpha``, the whole sample's, since
     every channel sees the channel means), as in the original; inputs are not scanned for them.
 
