@@ -1,4 +1,4 @@
-"""Side-by-side timing for fastscore's benches (see design/PERFORMANCE.md).
+"""Side-by-side timing for fastscore's benches (the method: docs/performance.md).
 
 A bench module (bench/bench_<op>.py) describes Cases: for one input configuration, a set of named
 providers (zero-argument callables doing the same work) plus how to check that they agree. The

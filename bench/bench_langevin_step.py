@@ -6,7 +6,7 @@ noise generated in the kernel), "fastscore_noise" (the same with a given noise t
 alone), on a GPU also the forced "triton" and "cuda" backends, and "copy" (moving the bytes the step must move --
 read x and the score, write x -- with one copy into a preallocated tensor: the floor). The score is a stored
 tensor: the network is not timed. Below the table: nanoseconds per generated normal, counter_randn vs
-torch.randn. On CPU the random numbers are the Langevin step's hot path (design/PERFORMANCE.md).
+torch.randn. On CPU the random numbers are the Langevin step's hot path (docs/performance.md#the-floors).
 
     pytest bench/bench_langevin_step.py --benchmark-only     # pytest-benchmark, grouped by case
     fastscore bench langevin_step [--quick]                   # the ratio table

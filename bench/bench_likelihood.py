@@ -8,11 +8,11 @@ Cases (float32 networks, random weights, VPSDE(0.1, 20), ``eps = 1e-5``, one Rad
     a batch of 2 images, loose tolerances (rtol = atol = 1e-3) so that one likelihood takes seconds.
 
 Providers:
-- "eager": score_sde's ``likelihood.get_likelihood_fn`` re-expressed (§5.4): the state flattened into a
-  float64 NumPy vector for ``scipy.integrate.solve_ivp(method="RK45")``, every evaluation copying it to torch
-  float32 and back, the drift computed twice (once without grad for the state derivative, once with grad
-  inside the divergence) plus one backward pass; one error norm over the whole batch. Reference layers
-  (ncsnv2's formulation) for the NCSNv2.
+- "eager": score_sde's ``likelihood.get_likelihood_fn`` re-expressed (docs/numerics.md#likelihood): the state
+  flattened into a float64 NumPy vector for ``scipy.integrate.solve_ivp(method="RK45")``, every evaluation
+  copying it to torch float32 and back, the drift computed twice (once without grad for the state
+  derivative, once with grad inside the divergence) plus one backward pass; one error norm over the whole
+  batch. Reference layers (ncsnv2's formulation) for the NCSNv2.
 - "fastscore": :func:`fastscore.likelihood.log_likelihood`: RK45 on tensors with per-sample error control,
   finished samples leave the batch, one network pass per evaluation for drift and divergence (``mode="auto"``,
   forward-mode products, for the NCSNv2; ``mode="reverse"`` for the MLP, where forward-mode AD's per-op

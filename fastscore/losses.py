@@ -1,4 +1,4 @@
-"""Score-matching losses of ermongroup/ncsn, ermongroup/ncsnv2 and score_sde (spec §3).
+"""Score-matching losses of ermongroup/ncsn, ermongroup/ncsnv2 and score_sde (docs/numerics.md#losses).
 
 Conventions: ``x`` is (N, ...) (images (N, C, H, W) or vectors (N, D)); ``anneal_*`` call
 ``score_fn(x, labels)`` with int64 labels (N,) indexing ``sigmas`` (index 0 = largest sigma);
@@ -141,8 +141,9 @@ def anneal_dsm(
     then ``z = randn_like(x)`` (ncsnv2's order: labels, then noise), unless ``noise`` (x's shape: the
     standard-normal ``z``) is given. ``target="ncsnv2"`` builds the target from the drawn noise,
     ``-n / sigma^2`` with ``n = sigma z``; ``target="ncsn"`` from the difference ``x_tilde - x`` as
-    ermongroup/ncsn does (equal in exact arithmetic; differs by rounding, spec §7.9). Arithmetic in the
-    originals' order, so with the same draws the loss equals the original's bitwise on CPU.
+    ermongroup/ncsn does (equal in exact arithmetic; differs by rounding:
+    docs/numerics.md#denoising-score-matching). Arithmetic in the originals' order, so with the same draws
+    the loss equals the original's bitwise on CPU.
 
     ``hook(per_sample_loss, labels)`` is called as ncsnv2's ``hook``. Returns the batch mean, or the
     per-sample losses (N,) with ``reduction="none"``.
@@ -284,8 +285,9 @@ def sliced_score_matching(
     Draws: ``randn`` of shape (P*N, ...) reshaped particle-major, as ncsn draws for its duplicated batch.
     ``score_fn`` is evaluated once on ``x`` (ncsn evaluates the P-fold duplicated batch; the values are
     the same), the P Jacobian-vector products come from :func:`fastscore.ops.hutchinson_divergence`'s
-    machinery with a differentiable graph. Unlike ncsn's plain version (last dimension only, spec §3.2),
-    every non-batch dimension is one vector, so images work; for (N, D) inputs the two agree.
+    machinery with a differentiable graph. Unlike ncsn's plain version (last dimension only:
+    docs/numerics.md#sliced-score-matching), every non-batch dimension is one vector, so images work; for
+    (N, D) inputs the two agree.
     ``return_terms=True`` returns ``(loss, loss1, loss2)`` as ncsn does.
     """
     _check_fn(score_fn, "score_fn")

@@ -1,4 +1,4 @@
-r"""The forward SDEs of score_sde (reference/ncsn_reference.md §5.1): VE, VP and sub-VP.
+r"""The forward SDEs of score_sde (docs/numerics.md#forward-sdes): VE, VP and sub-VP.
 
 Each SDE :math:`dx = f(x, t)\,dt + g(t)\,dw` on :math:`t \in [0, T]`, ``T = 1``, with ``N`` discretisation
 steps, offers score_sde's methods with its semantics:
@@ -19,7 +19,8 @@ The drift of all three SDEs is linear in x, :math:`f(x, t) = f_a(t)\,x`; the sam
 schedules (``drift_coef(t)``, ``diffusion_coef(t)``, the discrete tables) to precompute their per-step
 coefficients once instead of evaluating ``sde(x, t)`` on the whole batch every step.
 
-Deviations from score_sde_pytorch's ``sde_lib.py`` (fixes of its known bugs, §7):
+Deviations from score_sde_pytorch's ``sde_lib.py``, fixes of its known bugs
+(docs/numerics.md#known-bugs-of-the-originals):
 
 1. ``discretize`` (and the samplers) index the discrete tables on ``t``'s device: score_sde indexes a CPU
    table with device indices, which fails on recent PyTorch (score_sde_pytorch#43, #65).

@@ -172,8 +172,8 @@ def pinned_max_pools(choices):
 
 @contextlib.contextmanager
 def default_dtype(dtype: torch.dtype):
-    """The originals' MSF blocks sum in a buffer of the default dtype (spec §7.8): a float64 run of the
-    reference layers needs it set."""
+    """The originals' MSF blocks sum in a buffer of the default dtype (docs/numerics.md#the-msf-sum-dtype): a
+    float64 run of the reference layers needs it set."""
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:

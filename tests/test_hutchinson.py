@@ -218,8 +218,8 @@ def tiny_models(request):
     """demo_tiny's NCSNv2 (unconditional, max-pool CRP) and the conditional NCSN (label-gathered InstanceNorm++,
     average-pool CRP) in float64, reference and fused layers with the same weights.
 
-    The models' MSF blocks accumulate in the default dtype (an ncsnv2 quirk, spec §7.8), so float64
-    models run with float64 as the default dtype.
+    The models' MSF blocks accumulate in the default dtype (an ncsnv2 quirk:
+    docs/numerics.md#the-msf-sum-dtype), so float64 models run with float64 as the default dtype.
     """
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)

@@ -422,8 +422,8 @@ def _view(v, x):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_predictor_mappings_match_score_sde(backend):
-    """score_sde's predictors (reference §5.3) written as score_sde does, against sde_update_ with the mapping
-    of its docstring; per-sample times (a (N,) t)."""
+    """score_sde's predictors (docs/numerics.md#predictors) written as score_sde does, against sde_update_ with
+    the mapping of its docstring; per-sample times (a (N,) t)."""
     N, dt = 4, 1 / 1000
     x, score = make((N, 3, 4, 4), torch.float64)
     z = torch.randn(x.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)

@@ -445,7 +445,8 @@ def test_msf_sums_in_the_activation_dtype_where_the_original_needs_the_default_d
     xs = make_inputs(CASE["condmsf-upsample"][2], torch.float64)
     out = fused(xs, LABELS, xs[0].shape[2:])
     assert out.dtype == torch.float64  # the documented deviation: no default-dtype buffer
-    assert ref(xs, LABELS, xs[0].shape[2:]).dtype == torch.float32  # the original silently downcasts (§7.8)
+    # the original silently downcasts (docs/numerics.md#the-msf-sum-dtype)
+    assert ref(xs, LABELS, xs[0].shape[2:]).dtype == torch.float32
     with default_dtype(torch.float64):
         assert_close(out, ref(xs, LABELS, xs[0].shape[2:]), RTOL[torch.float64], "float64 MSF")
 

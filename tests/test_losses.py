@@ -23,7 +23,7 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-# ---- oracles: the reference repositories' loss functions (spec §3), in their own formulation -------------
+# ---- oracles: the reference repositories' loss functions (docs/numerics.md#losses), in their own formulation ---
 
 
 def ncsnv2_anneal_dsm_score_estimation(scorenet, samples, sigmas, labels=None, anneal_power=2.0, hook=None):
@@ -209,7 +209,8 @@ def test_anneal_dsm_ncsn_target(images):
     assert torch.equal(got, want)
     torch.manual_seed(2)
     v2 = losses.anneal_dsm(net, images, SIGMAS, labels)
-    torch.testing.assert_close(got, v2, rtol=1e-3, atol=0)  # equal in exact arithmetic only (spec §7.9)
+    # equal in exact arithmetic only (docs/numerics.md#denoising-score-matching)
+    torch.testing.assert_close(got, v2, rtol=1e-3, atol=0)
 
 
 def test_anneal_dsm_channels_last(images):

@@ -36,7 +36,7 @@ from fastscore.models import get_config
 from fastscore.models import get_sigmas
 from fastscore.models import load_checkpoint
 
-# config -> (class, trainable parameters, state_dict keys) from reference/ncsn_reference.md §2.5
+# config -> (class, trainable parameters, state_dict keys) of the originals (docs/numerics.md#model-skeletons)
 SIZES = {
     "mnist": (NCSN, 7_638_657, 173),
     "ncsn_cifar10": (NCSN, 30_117_635, 173),
@@ -378,7 +378,8 @@ def test_channels_last_end_to_end_float64_and_bfloat16_autocast():
                 ["channels_last output"],
             ),
         )
-    # float64 works without changing the default dtype (the originals' MSF buffer would not: spec §7.8)
+    # float64 works without changing the default dtype (the originals' MSF buffer would not:
+    # docs/numerics.md#the-msf-sum-dtype)
     out64 = copy.deepcopy(fused).double()(x.double(), y)
     assert out64.dtype == torch.float64
     assert_float64_matches([out64], results(ref64, in_float64((x, y))), ["float64 output"], network_error=own)

@@ -1,6 +1,6 @@
 """fastscore.nn normalisation layers against ncsnv2's originals.
 
-The originals are re-expressed below from reference/ncsn_reference.md §1 as test doubles (class
+The originals are re-expressed below from docs/numerics.md#normalisation-layers as test doubles (class
 ``Orig``): plain PyTorch as ncsnv2 writes them (``nn.InstanceNorm2d(affine=False,
 track_running_stats=False)``, ``torch.mean`` / ``torch.var``, ``nn.Embedding`` initialised through
 ``.data`` in the original order). Each fastscore class must match its double on state_dict keys,
@@ -28,7 +28,7 @@ LABELS = (3, 0, 3)  # a repeated label: its embedding row gets a summed gradient
 
 
 class Orig:
-    """ncsnv2 models/normalization.py, re-expressed from the spec (§1.2-1.7) in plain PyTorch."""
+    """ncsnv2 models/normalization.py, re-expressed from docs/numerics.md#normalisation-layers in plain PyTorch."""
 
     @staticmethod
     def _standardised_channel_means(x):

@@ -1,4 +1,4 @@
-"""fastscore.sde against score_sde's formulas (reference/ncsn_reference.md §5.1) and the SDEs' own calculus."""
+"""fastscore.sde against score_sde's formulas (docs/numerics.md#forward-sdes) and the SDEs' own calculus."""
 
 import math
 

@@ -1,7 +1,7 @@
 // InstanceNorm++ arithmetic, shared by csrc/cpu/cond_instance_norm.cpp and
 // csrc/cuda/cond_instance_norm.cu, so the CPU tests exercise the formulas the GPU runs.
 //
-// Notation (reference/ncsn_reference.md §1): per sample n and channel c, over the H*W plane,
+// Notation (docs/numerics.md#instancenorm): per sample n and channel c, over the H*W plane,
 //   mean = mean_hw x, rstd = 1/sqrt(var^b_hw x + eps), xc = x - mean (x centred), xhat = xc * rstd.
 // The "++" term standardises the channel means of one sample:
 //   m = mean_c mean, s = 1/sqrt(var^u_c mean + eps), muhat = (mean - m) * s.
@@ -62,9 +62,10 @@ FS_HD T fwd_element(T xc, T a, T b, int act) {
 // With g = dL/dpre = grad_out * act'(pre), per plane G1 = sum_hw g and G2 = sum_hw g * xc:
 //   dbeta = G1, dgamma = rstd * G2 + muhat * alpha * G1, dalpha = gamma * muhat * G1,
 //   dmuhat = alpha * gamma * G1,
-//   dmean = s * (dmuhat - mean_c dmuhat - muhat * sum_c(dmuhat * muhat) / (C - 1))   [spec §1.10]
+//   dmean = s * (dmuhat - mean_c dmuhat - muhat * sum_c(dmuhat * muhat) / (C - 1))
 //   dx = A * g + B * xc + D, A = gamma * rstd, B = -gamma * rstd^3 * G2 / hw,
 //                            D = (dmean - gamma * rstd * G1) / hw.
+// (dmean is derived in docs/numerics.md#gradients-of-instancenorm.)
 
 template <typename T>
 FS_HD T bwd_pre_grad(T grad_out, T xc, T a, T b, int act) {

@@ -217,9 +217,10 @@ def _flag(config, section_field: str) -> bool:
 
 
 def data_transform(config, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
-    """ncsnv2's ``data_transform`` (spec §2.6): optional uniform (``x*255/256 + U/256``) or Gaussian
-    (``x + 0.01 z``) dequantisation, then ``2x - 1`` when ``data.rescaled`` or ``logit(1e-6 + (1-2e-6) x)``
-    when ``data.logit_transform``; else ``x`` unchanged (the NCSNv2 models rescale inside)."""
+    """ncsnv2's ``data_transform``: optional uniform (``x*255/256 + U/256``) or Gaussian (``x + 0.01 z``)
+    dequantisation, then ``2x - 1`` when ``data.rescaled`` or ``logit(1e-6 + (1-2e-6) x)`` when
+    ``data.logit_transform``; else ``x`` unchanged (the NCSNv2 models rescale inside). See
+    docs/numerics.md#input-scaling-and-the-noise-level."""
     if _flag(config, "data.uniform_dequantization"):
         x = x / 256.0 * 255.0 + torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device) / 256.0
     if _flag(config, "data.gaussian_dequantization"):

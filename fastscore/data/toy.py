@@ -4,7 +4,7 @@ r"""2-D toy distributions for score models, with exact scores and log densities 
   the mixture convolved with :math:`N(0, \sigma^2 I)` (each component's variance becomes
   :math:`s_k^2 + \sigma^2`), which is the perturbed density a noise-conditional score model learns.
 * :func:`ncsn_toy_mixture`: the NCSN paper's toy, :math:`0.8\,N((5, 5), I) + 0.2\,N((-5, -5), I)`
-  (reference/ncsn_reference.md §4.6). ncsn's own ``GMMDistAnneal`` gives its components std
+  (docs/numerics.md#the-toy-experiment). ncsn's own ``GMMDistAnneal`` gives its components std
   :math:`\sigma` instead of :math:`\sqrt{1 + \sigma^2}`; ``score(x, sigma)`` here is the exact one.
 * :func:`toy_sample`: samples of ``gmm`` (that mixture), ``moons``, ``swissroll``, ``checkerboard`` and
   ``rings``, the usual 2-D benchmarks, made with torch alone (no scikit-learn).

@@ -163,10 +163,11 @@ def _mismatch_report(state: Mapping, own: Mapping, *, what: str, missing_ok: boo
 def load_checkpoint(path, model: nn.Module, ema: bool = True, *, map_location="cpu", weights_only: bool = True):
     """Load an ncsn / ncsnv2 (or score_sde, or plain state_dict) checkpoint file into ``model``; returns it.
 
-    Layouts (spec §2.5), recognised automatically: a state_dict; ncsn's ``[model_state, optimizer_state]``;
-    ncsnv2's ``[model_state, optimizer_state, epoch, step, (ema_shadow)]`` whose EMA shadow is a dict keyed
-    by un-prefixed parameter names; score_sde's ``{'model', 'ema': {'shadow_params': [...]}, ...}``. The
-    ``module.`` prefix nn.DataParallel adds is removed; ``model`` may itself be wrapped in DataParallel.
+    Layouts (docs/numerics.md#checkpoints), recognised automatically: a state_dict; ncsn's
+    ``[model_state, optimizer_state]``; ncsnv2's ``[model_state, optimizer_state, epoch, step, (ema_shadow)]``
+    whose EMA shadow is a dict keyed by un-prefixed parameter names; score_sde's ``{'model', 'ema':
+    {'shadow_params': [...]}, ...}``. The ``module.`` prefix nn.DataParallel adds is removed; ``model`` may
+    itself be wrapped in DataParallel.
 
     ``ema=True`` (default): where the checkpoint has an EMA shadow, the parameters it covers take the EMA
     values (what ncsnv2 samples with); buffers (e.g. ``sigmas``) come from the model state. ``ema=False``:

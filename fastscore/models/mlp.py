@@ -7,10 +7,10 @@ the noise level, for annealed DSM / SSM and score-SDE training, comes in three f
 * ``n_classes=L``: integer labels (N,) index a learned per-level embedding that is added to every hidden
   pre-activation (the toy analogue of NCSN's conditional normalisation, where the level enters only
   through per-label parameters).
-* ``sigmas=(L,)``: ncsnv2's trick (spec §2.6): the output is divided by ``sigmas[labels]``, so the network
-  only has to learn ``sigma * score``, whose scale is the same at every level. Combine it with
-  ``n_classes`` for a network that both sees the level and is rescaled by it (ncsnv2's own NCSNv2 is
-  unconditional and only rescales).
+* ``sigmas=(L,)``: ncsnv2's trick (docs/numerics.md#input-scaling-and-the-noise-level): the output is
+  divided by ``sigmas[labels]``, so the network only has to learn ``sigma * score``, whose scale is the same
+  at every level. Combine it with ``n_classes`` for a network that both sees the level and is rescaled by it
+  (ncsnv2's own NCSNv2 is unconditional and only rescales).
 * ``time_embedding=True``: a float ``t`` (N,) in [0, 1] enters through fixed sinusoidal features of ``t`` at
   log-spaced frequencies, followed by a learned linear map added to every hidden pre-activation. For a
   score-SDE model, dividing the output by the marginal std (score_sde's ``scale_by_sigma``) is left to the

@@ -7,10 +7,10 @@ state_dict keys (``sigmas`` buffer included) and the init RNG sequence are ncsnv
 load strictly (see :func:`fastscore.models.load_checkpoint`) and ``torch.manual_seed(s)`` gives the same
 initial weights as the original.
 
-Skeleton (spec §2.5): ``begin_conv`` 3x3 -> residual stages -> RefineBlocks from the coarsest stage to
-the finest -> ``normalizer`` -> ``act`` -> ``end_conv`` 3x3. The NCSNv2* networks are unconditional: the
-label only selects ``sigmas[y]``, and the output is divided by it. Input scaling: ``2x - 1`` unless
-``config.data.logit_transform`` or ``config.data.rescaled``.
+Skeleton (docs/numerics.md#model-skeletons): ``begin_conv`` 3x3 -> residual stages -> RefineBlocks from
+the coarsest stage to the finest -> ``normalizer`` -> ``act`` -> ``end_conv`` 3x3. The NCSNv2* networks are
+unconditional: the label only selects ``sigmas[y]``, and the output is divided by it. Input scaling:
+``2x - 1`` unless ``config.data.logit_transform`` or ``config.data.rescaled``.
 
 Channels-last: the fused models run whatever layout they are given end to end. The fastest CPU path is
 channels_last throughout: ``model.to(memory_format=torch.channels_last)`` (the conv weights, so no
@@ -81,7 +81,7 @@ class _RefineNet(nn.Module):
         image_size = self._image_size
         for name, cin, cout, resample, dilation in self._RES:
             # ncsn / ncsnv2 pass adjust_padding=True to res4's first block at image_size 28 (a dilated block:
-            # it has no effect there, spec §2.3).
+            # it has no effect there).
             extra = {"adjust_padding": image_size == 28} if name == "res4" else {}
             blocks = []
             for first in (True, False):
@@ -169,7 +169,8 @@ class _NCSNv2Base(_RefineNet):
 
         channels = config.data.channels
         self.begin_conv = nn.Conv2d(channels, ngf, 3, stride=1, padding=1)
-        # Quirk kept (spec §1.8): num_classes lands in the unconditional norm's second argument.
+        # Quirk kept: num_classes lands in the unconditional norm's second argument
+        # (docs/numerics.md#the-final-normaliser-quirk).
         self.normalizer = ns.build_norm(self.norm, act, ngf, self.num_classes)
         self.end_conv = nn.Conv2d(ngf, channels, 3, stride=1, padding=1)
         self._build_stages(ns, act, spec_norm=False)

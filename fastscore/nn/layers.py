@@ -30,7 +30,7 @@ beyond floating-point rounding:
 * **MSF** skips the bilinear resize when the input already has the output size (an exact identity with
   align_corners=True) and sums into its first term instead of a zero buffer. Deviation, documented: the
   sum has the activations' dtype, where the originals allocate it in the *default* dtype (which breaks
-  ``.double()`` / ``.half()`` / bfloat16 models: spec §7.8). In float32 nothing changes.
+  ``.double()`` / ``.half()`` / bfloat16 models: docs/numerics.md#the-msf-sum-dtype). In float32 nothing changes.
 
 Memory layout: nothing here converts layouts; given channels_last activations every block returns
 channels_last (the convolutions, the norms, the pooling and the in-place adds all keep it).

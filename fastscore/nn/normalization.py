@@ -3,11 +3,11 @@
 Every class here has the constructor arguments, attribute and parameter names, parameter registration
 order (hence state_dict keys and order), init distributions and init RNG consumption order of its
 ncsnv2 namesake, so a checkpoint of the original loads strictly and ``torch.manual_seed(s)`` followed by
-construction gives bitwise the same initial weights. The numerics are those of reference/ncsn_reference.md
-§1; the InstanceNorm++ family (and ``ConditionalInstanceNorm2d``) runs on the fused op
-:func:`fastscore.ops.cond_instance_norm` (one statistics pass, one apply pass, optionally fused with the
-ELU that follows the norm in ncsnv2's residual blocks); the other classes are plain PyTorch, written as
-ncsnv2 writes them, so they agree with it bitwise.
+construction gives bitwise the same initial weights. The numerics are those of
+docs/numerics.md#normalisation-layers; the InstanceNorm++ family (and ``ConditionalInstanceNorm2d``) runs
+on the fused op :func:`fastscore.ops.cond_instance_norm` (one statistics pass, one apply pass, optionally
+fused with the ELU that follows the norm in ncsnv2's residual blocks); the other classes are plain
+PyTorch, written as ncsnv2 writes them, so they agree with it bitwise.
 
 Notation: ``x`` (N, C, H, W); ``y`` (N,) int64 noise-level indices in ``[0, num_classes)``;
 ``mu[n, c]`` / ``var[n, c]`` the mean / **biased** variance of ``x[n, c]`` over H, W;

@@ -2,10 +2,10 @@
 
 This module is the ground truth the fused layers (:mod:`fastscore.nn.layers`) are tested against, the
 "eager" baseline of the benches, and what ``fastscore.models.*(config, layers="reference")`` builds.
-Everything is written from reference/ncsn_reference.md (§1, §2, §7), operation by operation as
-ermongroup/ncsnv2 (``models/normalization.py``, ``models/layers.py``) and ermongroup/ncsn
-(``models/cond_refinenet_dilated.py``) compute it, so that with the same weights the results are
-**bitwise** those of the originals on CPU:
+Everything is written operation by operation as ermongroup/ncsnv2 (``models/normalization.py``,
+``models/layers.py``) and ermongroup/ncsn (``models/cond_refinenet_dilated.py``) compute it (described in
+docs/numerics.md#normalisation-layers and docs/numerics.md#blocks-and-models), so that with the same weights
+the results are **bitwise** those of the originals on CPU:
 
 * the same class names, constructor arguments, attribute names and sub-module registration order
   (hence state_dict keys and order, optimizer parameter indices and init RNG consumption order);
@@ -71,7 +71,7 @@ __all__ = [
     "RefineBlock",
 ]
 
-# ==== _reference_norms: ncsnv2 models/normalization.py (spec §1) =====================================
+# ==== _reference_norms: ncsnv2 models/normalization.py (docs/numerics.md#normalisation-layers) =======
 
 
 def _standardised_channel_means(x):
@@ -95,7 +95,7 @@ def _uniform_gamma_embedding(num_features, num_classes, bias):
 
 
 class ConditionalInstanceNorm2dPlus(nn.Module):
-    """Conditional InstanceNorm++: ``gamma_y * (IN(x) + alpha_y * muhat) + beta_y`` (spec §1.2)."""
+    """Conditional InstanceNorm++: ``gamma_y * (IN(x) + alpha_y * muhat) + beta_y``."""
 
     def __init__(self, num_features, num_classes, bias=True):
         super().__init__()
@@ -123,7 +123,7 @@ class ConditionalInstanceNorm2dPlus(nn.Module):
 
 
 class InstanceNorm2dPlus(nn.Module):
-    """Unconditional InstanceNorm++ with per-channel ``alpha``, ``gamma``, ``beta`` (spec §1.3).
+    """Unconditional InstanceNorm++ with per-channel ``alpha``, ``gamma``, ``beta``.
 
     The second positional argument is ``bias``: ncsnv2's networks build their final normaliser as
     ``InstanceNorm2dPlus(ngf, num_classes)``, which therefore has a ``beta``.
@@ -152,7 +152,7 @@ class InstanceNorm2dPlus(nn.Module):
 
 
 class ConditionalInstanceNorm2d(nn.Module):
-    """Conditional instance norm ``gamma_y * IN(x) + beta_y``; gamma ~ U[0, 1) (spec §1.4)."""
+    """Conditional instance norm ``gamma_y * IN(x) + beta_y``; gamma ~ U[0, 1)."""
 
     def __init__(self, num_features, num_classes, bias=True):
         super().__init__()
@@ -170,7 +170,7 @@ class ConditionalInstanceNorm2d(nn.Module):
 
 
 class ConditionalBatchNorm2d(nn.Module):
-    """Conditional batch norm ``gamma_y * BN(x) + beta_y`` with running statistics (spec §1.5)."""
+    """Conditional batch norm ``gamma_y * BN(x) + beta_y`` with running statistics."""
 
     def __init__(self, num_features, num_classes, bias=True):
         super().__init__()
@@ -188,7 +188,7 @@ class ConditionalBatchNorm2d(nn.Module):
 
 
 class ConditionalVarianceNorm2d(nn.Module):
-    """``gamma_y * x / sqrt(var^u_hw(x) + 1e-5)``, no centring; ``bias`` ignored (spec §1.6)."""
+    """``gamma_y * x / sqrt(var^u_hw(x) + 1e-5)``, no centring; ``bias`` ignored."""
 
     def __init__(self, num_features, num_classes, bias=False):
         super().__init__()
@@ -204,7 +204,7 @@ class ConditionalVarianceNorm2d(nn.Module):
 
 
 class VarianceNorm2d(nn.Module):
-    """``alpha * x / sqrt(var^u_hw(x) + 1e-5)``, no centring; ``bias`` ignored (spec §1.6)."""
+    """``alpha * x / sqrt(var^u_hw(x) + 1e-5)``, no centring; ``bias`` ignored."""
 
     def __init__(self, num_features, bias=False):
         super().__init__()
@@ -220,7 +220,7 @@ class VarianceNorm2d(nn.Module):
 
 
 class ConditionalNoneNorm2d(nn.Module):
-    """Affine only: ``gamma_y * x + beta_y`` (spec §1.7)."""
+    """Affine only: ``gamma_y * x + beta_y``."""
 
     def __init__(self, num_features, num_classes, bias=True):
         super().__init__()
@@ -236,7 +236,7 @@ class ConditionalNoneNorm2d(nn.Module):
 
 
 class NoneNorm2d(nn.Module):
-    """Identity (spec §1.7)."""
+    """Identity."""
 
     def __init__(self, num_features, bias=True):
         super().__init__()
@@ -293,7 +293,7 @@ def build_norm(normalization, act, *args, **kwargs):
     return normalization(*args, **kwargs)
 
 
-# ==== conv helpers (spec §2.1) =====================================================================
+# ==== conv helpers (docs/numerics.md#convolutions-and-resampling) ==================================
 
 
 def spectral_norm(layer, n_iters=1):
@@ -334,7 +334,7 @@ def ncsnv1_conv1x1(in_planes, out_planes, stride=1, bias=False):
     return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, padding=0, bias=bias)
 
 
-# ==== resampling convs (spec §2.2) ==================================================================
+# ==== resampling convs (docs/numerics.md#convolutions-and-resampling) ===============================
 
 
 def mean_pool_2x2(output):
@@ -394,7 +394,7 @@ class UpsampleConv(nn.Module):
         return self.conv(self.pixelshuffle(output))
 
 
-# ==== residual blocks (spec §2.3) ===================================================================
+# ==== residual blocks (docs/numerics.md#residual-blocks) ============================================
 
 
 def _no_kernel_size_shortcut(input_dim, output_dim):
@@ -408,7 +408,7 @@ def _no_kernel_size_shortcut(input_dim, output_dim):
 def _residual_convs(self, input_dim, output_dim, resample, adjust_padding, dilation, spec_norm, norm, conditional):
     """Registers conv1, normalize2, conv2 and (if needed) shortcut in the originals' order; returns nothing."""
     if resample == "down":
-        if dilation is not None:  # dilated "down" blocks do NOT downsample (spec §2.3 quirk)
+        if dilation is not None:  # dilated "down" blocks do NOT downsample (the originals' quirk)
             self.conv1 = dilated_conv3x3(input_dim, input_dim, dilation=dilation, spec_norm=spec_norm)
             self.normalize2 = norm(input_dim)
             self.conv2 = dilated_conv3x3(input_dim, output_dim, dilation=dilation, spec_norm=spec_norm)
@@ -440,7 +440,7 @@ def _residual_convs(self, input_dim, output_dim, resample, adjust_padding, dilat
 
 
 class ConditionalResidualBlock(nn.Module):
-    """Pre-activation residual block with conditional norms (ncsn / ncsnv2, spec §2.3).
+    """Pre-activation residual block with conditional norms (ncsn / ncsnv2).
 
     ``out = shortcut(x) + conv2(act(norm2(conv1(act(norm1(x, y))), y)))``. Registration order:
     conv1, normalize2, conv2, shortcut (if ``input_dim != output_dim`` or ``resample``), normalize1.
@@ -487,7 +487,7 @@ class ConditionalResidualBlock(nn.Module):
 
 
 class ResidualBlock(nn.Module):
-    """Pre-activation residual block with unconditional norms (ncsnv2, spec §2.3).
+    """Pre-activation residual block with unconditional norms (ncsnv2).
 
     As :class:`ConditionalResidualBlock` without labels; the non-dilated, non-resampling shortcut is
     ``conv1x1(in, out)``. ``act=None`` means ``nn.ELU()``.
@@ -531,7 +531,7 @@ class ResidualBlock(nn.Module):
         return shortcut + output
 
 
-# ==== RefineNet blocks (spec §2.4) ==================================================================
+# ==== RefineNet blocks (docs/numerics.md#refinenet-blocks) ==========================================
 
 
 class CondRCUBlock(nn.Module):
@@ -649,7 +649,8 @@ class CRPBlock(nn.Module):
 
 class CondMSFBlock(nn.Module):
     """Multi-resolution fusion with conditional norms: ``sum_i up(conv_i(norm_i(x_i, y)))``, bilinear
-    (align_corners) to ``shape``, accumulated into a zero buffer of the **default dtype** (spec §7.8)."""
+    (align_corners) to ``shape``, accumulated into a zero buffer of the **default dtype**
+    (docs/numerics.md#the-msf-sum-dtype)."""
 
     def __init__(self, in_planes, features, num_classes, normalizer, spec_norm=False):
         super().__init__()

@@ -1,4 +1,7 @@
-"""Functional, differentiable, torch.compile-able fused ops. One module per op (see ARCHITECTURE.md)."""
+"""Functional, differentiable, torch.compile-able fused ops.
+
+One module per op; the anatomy of one: docs/architecture.md#the-anatomy-of-an-op.
+"""
 
 from fastscore.ops.cond_instance_norm import cond_instance_norm
 from fastscore.ops.cond_instance_norm import cond_instance_norm_ref

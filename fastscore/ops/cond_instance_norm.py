@@ -37,7 +37,7 @@ def cond_instance_norm_ref(
     eps: float = 1e-5,
     act: str | None = None,
 ) -> Tensor:
-    r"""InstanceNorm++ in plain PyTorch, as ncsnv2 computes it (reference/ncsn_reference.md §1).
+    r"""InstanceNorm++ in plain PyTorch, as ncsnv2 computes it (docs/numerics.md#instancenorm).
 
     Shapes: ``x`` (N, C, H, W); ``gamma``, ``alpha``, ``beta`` (N, C) (conditional: rows already
     gathered by label) or (C,) (unconditional). Returns (N, C, H, W).

@@ -1,6 +1,6 @@
 r"""Langevin and SDE sampler updates with counter-based Gaussian noise generated inside the kernel.
 
-One Langevin step of ncsn / ncsnv2 (reference/ncsn_reference.md §4) reads x and the score, draws a
+One Langevin step of ncsn / ncsnv2 (docs/numerics.md#annealed-langevin-dynamics) reads x and the score, draws a
 normal per element and writes x: on CPU the random numbers are most of its time (torch.randn ~3.4 ns per
 normal). Here the noise is made inside the update kernel by a counter-based generator -- Philox4x32-10
 keyed by (seed, counter) and indexed by the element's global index ``(sample_offset + n) * D + i`` --
@@ -289,7 +289,7 @@ def langevin_corrector_step_ref(
     counter: int = 0,
     sample_offset: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    r"""score_sde's LangevinCorrector step (reference/ncsn_reference.md §5.3) in plain PyTorch.
+    r"""score_sde's LangevinCorrector step (docs/numerics.md#langevin-corrector-step-size) in plain PyTorch.
 
     Returns ``(x_new, x_mean)``; x is not modified. With :math:`\|g\|`, :math:`\|z\|` the per-sample L2
     norms over all non-batch dims (batch means of them when ``per_sample=False``: score_sde's rule, one
@@ -842,7 +842,7 @@ def sde_update_(
     :math:`x_{mean}` (score_sde's predictors return it; the PC sampler's denoised output is the last one).
     Noise, shapes, dtypes, layouts and the no-grad rule as :func:`langevin_step_`.
 
-    score_sde's predictors (reference/ncsn_reference.md §5.3, :math:`\Delta t = 1/N`, time index i of t,
+    score_sde's predictors (docs/numerics.md#predictors, :math:`\Delta t = 1/N`, time index i of t,
     :math:`\sigma_{-1} = 0`) map onto it as:
 
     ==========================  ======================  ====================  ==============================
