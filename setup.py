@@ -81,7 +81,6 @@ setup(
     # Triton kernels live in kernels/ and the benches in bench/ (one stem per op in each), shipped
     # inside the package so `fastscore bench` and the triton backend work from a wheel too.
     package_dir={"fastscore._triton": "kernels", "fastscore._bench": "bench"},
-    package_data={"fastscore": ["configs/*.yml", "data/*"], "fastscore._bench": ["*.csv"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},

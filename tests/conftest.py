@@ -22,6 +22,22 @@ def _seed_and_isolate(monkeypatch):
     yield
 
 
+@pytest.fixture(autouse=True)
+def _one_thread(request):
+    """Files marked ``pytestmark = pytest.mark.one_thread`` run each test on one torch thread, restored after.
+
+    Their tensors are tiny: OpenMP's fork and join per op costs more than the op, and on a shared 2-core
+    machine a thread waiting for a descheduled partner costs a time slice. Bitwise comparisons between two
+    runs also need one thread count throughout."""
+    if request.node.get_closest_marker("one_thread") is None:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

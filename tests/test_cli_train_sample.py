@@ -22,14 +22,7 @@ from fastscore.train import TrainError
 from fastscore.train import export_checkpoint
 from fastscore.train import train
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Bitwise comparisons need one thread count throughout; one thread is also the fastest on a shared CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.one_thread  # tiny tensors (see conftest.py)
 
 
 @pytest.fixture(scope="module")

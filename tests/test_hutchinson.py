@@ -14,15 +14,7 @@ from fastscore.ops.hutchinson import hutchinson_divergence_ref
 from fastscore.ops.hutchinson import make_probes
 from fastscore.ops.hutchinson import probe_products
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests run tiny tensors, where OpenMP parallel regions cost more than they save (and on shared
-    2-core machines, threads spinning against other jobs multiply the run time): one thread, restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.one_thread  # tiny tensors (see conftest.py)
 
 
 D = 3

@@ -177,14 +177,7 @@ def assert_close(got, want, rtol, what):
 RTOL = {torch.float64: 1e-11}  # float32 results: assert_float32_within_block_rounding
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: on a shared 2-core machine, OpenMP barriers waiting for a descheduled second thread
-    # make every op cost a time slice. Both sides of each comparison run under the same setting.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.one_thread  # tiny tensors (see conftest.py)
 
 
 # ---- structure and init ----------------------------------------------------------------------------------

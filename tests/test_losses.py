@@ -12,15 +12,7 @@ from fastscore.sde import VESDE
 from fastscore.sde import VPSDE
 from fastscore.sde import subVPSDE
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests run tiny tensors, where OpenMP parallel regions cost more than they save (and on shared
-    2-core machines, threads spinning against other jobs multiply the run time): one thread, restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.one_thread  # tiny tensors (see conftest.py)
 
 
 # ---- oracles: the reference repositories' loss functions (docs/numerics.md#losses), in their own formulation ---

@@ -35,14 +35,7 @@ from fastscore.models import get_config
 NGF, L = 6, 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: on a shared 2-core machine, OpenMP barriers waiting for a descheduled second thread
-    # make every op cost a time slice. Both sides of each comparison run under the same setting.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.one_thread  # tiny tensors (see conftest.py)
 
 
 class Orig:

@@ -19,14 +19,7 @@ from fastscore.ops.langevin_step import _wrap
 SEED = 1234
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These chains run thousands of tiny ops: on a shared 2-core machine OpenMP's fork/join per op (waiting
-    for a busy core) costs milliseconds each, far more than the op. One thread here, restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.one_thread  # tiny tensors (see conftest.py)
 
 
 # ---- the reference loops (ncsnv2's and ncsn's samplers, score_sde's PC sampler), noise from counter_randn ----

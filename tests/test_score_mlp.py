@@ -10,15 +10,7 @@ from fastscore.data.toy import ncsn_toy_mixture
 from fastscore.models import ScoreMLP
 from fastscore.ops import hutchinson_divergence
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests run tiny tensors, where OpenMP parallel regions cost more than they save (and on shared
-    2-core machines, threads spinning against other jobs multiply the run time): one thread, restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.one_thread  # tiny tensors (see conftest.py)
 
 
 SIGMAS = torch.tensor([4.0, 1.0, 0.25])
