@@ -1044,6 +1044,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _run_options(p: argparse.ArgumentParser, *, seed: str | None, progress: bool = True) -> None:
+    """The options every command that does work shares, declared once: --threads, and --seed (its help says
+    what the seed drives) and --no-progress where the command has them."""
+    if seed is not None:
+        p.add_argument("--seed", type=_seed, default=0, help=seed)
+    p.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's, one per core)")
+    if progress:
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fastscore", description="Fast layers, samplers and likelihoods for score-based models.")
     sub = parser.add_subparsers(dest="command", metavar="command", parser_class=_Parser)
@@ -1092,7 +1102,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, help="default config.training.batch_size")
     p.add_argument("--out", help="output folder (default runs/<config>-<data>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--seed", type=_seed, default=0, help="seed of weights, data order and noise")
     p.add_argument("--loss", choices=("dsm", "ssm", "sde"), help="dsm (default), ssm (sliced) or sde (continuous)")
     p.add_argument("--snapshot-freq", type=_positive_int, help="checkpoint + sample grid every N steps")
     p.add_argument(
@@ -1105,9 +1114,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. model.ema_rate=0.995"
     )
     p.add_argument("--export", metavar="PATH", help="also write a small sampling checkpoint (EMA weights, float16)")
-    p.add_argument("--threads", type=_positive_int, help="torch CPU threads")
     p.add_argument("--force", action="store_true", help="start over in an --out that holds a checkpoint")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _run_options(p, seed="seed of weights, data order and noise (default 0)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser(
@@ -1121,7 +1129,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="the model's config, for checkpoints that carry none (the original repos')")
     p.add_argument("--sampler", choices=SAMPLERS, default="ald", help="ald (default), pc or ode")
     p.add_argument("--n", type=_positive_int, default=64, help="number of samples (default 64)")
-    p.add_argument("--seed", type=_seed, default=0, help="random seed (default 0)")
     p.add_argument("--out", required=True, help="grid.png or samples.npz")
     p.add_argument("--mask", help=f"inpaint: the known part, {', '.join(MASKS)} or a .npy of 0/1")
     p.add_argument("--data", help="images to inpaint (default: the checkpoint's training data)")
@@ -1143,9 +1150,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the network under bfloat16 autocast (CPUs with AVX512-BF16 or AMX; ~1%% error in the score)",
     )
     p.add_argument("--no-ema", action="store_true", help="the raw training weights instead of the EMA ones")
-    p.add_argument("--threads", type=_positive_int, help="torch CPU threads")
     p.add_argument("--force", action="store_true", help="overwrite --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _run_options(p, seed="seed of the noise and of the images picked to inpaint (default 0)")
     p.set_defaults(func=_sample)
 
     p = sub.add_parser(
@@ -1161,10 +1167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=_positive_int, default=16, help="number of examples (default 16)")
     p.add_argument("--probes", type=_positive_int, default=1, help="Hutchinson probes per evaluation")
     p.add_argument("--tol", type=_positive_float, default=1e-3, help="ODE rtol = atol (default 1e-3)")
-    p.add_argument("--seed", type=_seed, default=0, help="random seed (default 0)")
     p.add_argument("--no-ema", action="store_true", help="the raw training weights instead of the EMA ones")
-    p.add_argument("--threads", type=_positive_int, help="torch CPU threads")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _run_options(p, seed="seed of the examples picked, their dequantisation and the probes (default 0)")
     p.set_defaults(func=_likelihood)
 
     p = sub.add_parser(
@@ -1177,8 +1181,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="fastscore-out", help="output folder (default ./fastscore-out)")
     p.add_argument("--quick", action="store_true", help="fewer samples and steps (seconds, for CI)")
-    p.add_argument("--threads", type=_positive_int, help="torch CPU threads")
     p.add_argument("--force", action="store_true", help="overwrite the images in --out")
+    _run_options(p, seed=None, progress=False)
     p.set_defaults(func=_demo)
     return parser
 
