@@ -358,6 +358,23 @@ def under_functorch_transform() -> bool:
     return not isinstance(torch._C._functorch.peek_interpreter_stack(), type(None))
 
 
+def op_path(*tensors) -> str:
+    """How an op's public function runs its forward, one rule for every op (the tensors it differentiates):
+
+    ``"kernel"``       eager inference (:func:`eager_inference`): the chosen backend's kernel, called directly;
+    ``"reference"``    compiling under a torch.func transform: the pure-PyTorch reference, which the transform
+                       differentiates (a compiled jvp through an autograd.Function gives zero tangents);
+    ``"function"``     compiling otherwise: the op's autograd.Function without its custom jvp (torch.compile
+                       rejects one), around the custom ops, which Inductor schedules as opaque calls;
+    ``"function_jvp"`` eager with autograd or forward-mode AD: the Function with the fused jvp kernel.
+    """
+    if eager_inference(*tensors):
+        return "kernel"
+    if torch.compiler.is_compiling():
+        return "reference" if under_functorch_transform() else "function"
+    return "function_jvp"
+
+
 def eager_inference(*tensors) -> bool:
     """True when an op may call its kernels directly: eager, and nothing to differentiate or trace.
 

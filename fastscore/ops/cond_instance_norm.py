@@ -389,10 +389,10 @@ def cond_instance_norm(
         return out
     if x.numel() == 0:
         return torch.empty_like(x)
-    if _backend.eager_inference(x, g, a, b):
+    path = _backend.op_path(x, g, a, b)
+    if path == "kernel":
         return _impl_for(x).fwd(x, g, a, b, eps, act_name)[0]
-    if torch.compiler.is_compiling():
-        if _backend.under_functorch_transform():  # compiled jvp through a Function gives zero tangents
-            return cond_instance_norm_ref(x.to(acc), g, a, b, eps=eps, act=act_name).to(x.dtype)
-        return _CondInstanceNormFn.apply(x, g, a, b, eps, act_name)[0]
-    return _CondInstanceNormFnJvp.apply(x, g, a, b, eps, act_name)[0]
+    if path == "reference":
+        return cond_instance_norm_ref(x.to(acc), g, a, b, eps=eps, act=act_name).to(x.dtype)
+    fn = _CondInstanceNormFn if path == "function" else _CondInstanceNormFnJvp
+    return fn.apply(x, g, a, b, eps, act_name)[0]

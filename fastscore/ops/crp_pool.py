@@ -224,10 +224,9 @@ def crp_pool(x: Tensor, *, mode: str = "max") -> Tensor:
     x = _checks.supported_layout(x)
     if x.numel() == 0:
         return torch.empty_like(x)
-    if _backend.eager_inference(x):
+    path = _backend.op_path(x)
+    if path == "kernel":
         return _impl_for(x).fwd(x, mode)
-    if torch.compiler.is_compiling():
-        if _backend.under_functorch_transform():  # compiled jvp through a Function gives zero tangents
-            return _ref_in_acc(x, mode)(x)
-        return _CrpPoolFn.apply(x, mode)
-    return _CrpPoolFnJvp.apply(x, mode)
+    if path == "reference":
+        return _ref_in_acc(x, mode)(x)
+    return (_CrpPoolFn if path == "function" else _CrpPoolFnJvp).apply(x, mode)

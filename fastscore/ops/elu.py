@@ -297,10 +297,9 @@ def elu(x: Tensor, *, out: Tensor | None = None) -> Tensor:
         return torch.empty_like(x)
     if not is_dense(x):
         x = x.contiguous()
-    if _backend.eager_inference(x):
+    path = _backend.op_path(x)
+    if path == "kernel":
         return _impl_for(x).fwd(x)
-    if torch.compiler.is_compiling():
-        if _backend.under_functorch_transform():  # compiled jvp through a Function gives zero tangents
-            return _ref_in_acc(x)(x)
-        return _EluFn.apply(x)
-    return _EluFnJvp.apply(x)
+    if path == "reference":
+        return _ref_in_acc(x)(x)
+    return (_EluFn if path == "function" else _EluFnJvp).apply(x)
