@@ -33,6 +33,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from fastscore.nn import reference as _ref
+from fastscore.nn.reference import UnknownNormalizationError
+from fastscore.nn.reference import normalization_from_tables
 from fastscore.ops import _checks
 from fastscore.ops.cond_instance_norm import cond_instance_norm
 
@@ -106,7 +109,7 @@ def _per_channel(p: Tensor, num_features: int) -> Tensor:
 # ---- InstanceNorm++ and conditional instance norm (fused) -----------------------------------------
 
 
-class ConditionalInstanceNorm2dPlus(nn.Module):
+class ConditionalInstanceNorm2dPlus(_ref.ConditionalInstanceNorm2dPlus):
     r"""Conditional InstanceNorm++ (ncsnv2 ``ConditionalInstanceNorm2dPlus``), fused.
 
     .. math::
@@ -132,21 +135,9 @@ class ConditionalInstanceNorm2dPlus(nn.Module):
     """
 
     def __init__(self, num_features, num_classes, bias=True, *, act=None):
-        super().__init__()
-        self.act = _check_act(act)
-        self.num_features = num_features
-        self.bias = bias
-        self.instance_norm = nn.InstanceNorm2d(num_features, affine=False, track_running_stats=False)
-        # RNG order as ncsnv2: the embedding's own N(0, 1) fill, then the N(1, 0.02) refill.
-        if bias:
-            self.embed = nn.Embedding(num_classes, num_features * 3)
-            with torch.no_grad():
-                self.embed.weight[:, : 2 * num_features].normal_(1, 0.02)
-                self.embed.weight[:, 2 * num_features :].zero_()
-        else:
-            self.embed = nn.Embedding(num_classes, 2 * num_features)
-            with torch.no_grad():
-                self.embed.weight.normal_(1, 0.02)
+        act = _check_act(act)  # before anything is built (or drawn from the RNG)
+        super().__init__(num_features, num_classes, bias)  # ncsnv2's parameters, init and RNG order
+        self.act = act
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         _check_x(x, self.num_features, min_channels=2)
@@ -162,7 +153,7 @@ class ConditionalInstanceNorm2dPlus(nn.Module):
         return f"{self.num_features}, bias={self.bias}" + (f", act={self.act!r}" if self.act else "")
 
 
-class InstanceNorm2dPlus(nn.Module):
+class InstanceNorm2dPlus(_ref.InstanceNorm2dPlus):
     r"""Unconditional InstanceNorm++ (ncsnv2 ``InstanceNorm2dPlus``), fused.
 
     .. math::
@@ -182,18 +173,9 @@ class InstanceNorm2dPlus(nn.Module):
     """
 
     def __init__(self, num_features, bias=True, *, act=None):
-        super().__init__()
-        self.act = _check_act(act)
-        self.num_features = num_features
-        self.bias = bias
-        self.instance_norm = nn.InstanceNorm2d(num_features, affine=False, track_running_stats=False)
-        self.alpha = nn.Parameter(torch.zeros(num_features))
-        self.gamma = nn.Parameter(torch.zeros(num_features))
-        with torch.no_grad():
-            self.alpha.normal_(1, 0.02)
-            self.gamma.normal_(1, 0.02)
-        if bias:
-            self.beta = nn.Parameter(torch.zeros(num_features))
+        act = _check_act(act)
+        super().__init__(num_features, bias)
+        self.act = act
 
     def forward(self, x: Tensor) -> Tensor:
         _check_x(x, self.num_features, min_channels=2)
@@ -204,7 +186,7 @@ class InstanceNorm2dPlus(nn.Module):
         return f"{self.num_features}, bias={self.bias}" + (f", act={self.act!r}" if self.act else "")
 
 
-class ConditionalInstanceNorm2d(nn.Module):
+class ConditionalInstanceNorm2d(_ref.ConditionalInstanceNorm2d):
     r"""Conditional instance norm (ncsnv2 ``ConditionalInstanceNorm2d``), fused.
 
     .. math:: \mathrm{out} = \mathrm{act}(\gamma_y \odot \hat x + \beta_y)
@@ -219,20 +201,9 @@ class ConditionalInstanceNorm2d(nn.Module):
     """
 
     def __init__(self, num_features, num_classes, bias=True, *, act=None):
-        super().__init__()
-        self.act = _check_act(act)
-        self.num_features = num_features
-        self.bias = bias
-        self.instance_norm = nn.InstanceNorm2d(num_features, affine=False, track_running_stats=False)
-        if bias:
-            self.embed = nn.Embedding(num_classes, num_features * 2)
-            with torch.no_grad():
-                self.embed.weight[:, :num_features].uniform_()
-                self.embed.weight[:, num_features:].zero_()
-        else:
-            self.embed = nn.Embedding(num_classes, num_features)
-            with torch.no_grad():
-                self.embed.weight.uniform_()
+        act = _check_act(act)
+        super().__init__(num_features, num_classes, bias)
+        self.act = act
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         _check_x(x, self.num_features)
@@ -247,10 +218,10 @@ class ConditionalInstanceNorm2d(nn.Module):
         return f"{self.num_features}, bias={self.bias}" + (f", act={self.act!r}" if self.act else "")
 
 
-# ---- plain PyTorch, as ncsnv2 -----------------------------------------------------------------------
+# ---- plain PyTorch, as ncsnv2 (the reference classes' parameters and init; inputs checked) ---------------------------
 
 
-class ConditionalBatchNorm2d(nn.Module):
+class ConditionalBatchNorm2d(_ref.ConditionalBatchNorm2d):
     r"""Conditional batch norm (ncsnv2 ``ConditionalBatchNorm2d``), plain PyTorch.
 
     .. math:: \mathrm{out} = \gamma_y \odot \mathrm{BN}(x) + \beta_y
@@ -259,21 +230,6 @@ class ConditionalBatchNorm2d(nn.Module):
     train mode normalises with the batch statistics and updates them, eval mode uses them).
     ``embed`` as :class:`ConditionalInstanceNorm2d` (gamma ~ U[0, 1), beta zero). Nothing fused.
     """
-
-    def __init__(self, num_features, num_classes, bias=True):
-        super().__init__()
-        self.num_features = num_features
-        self.bias = bias
-        self.bn = nn.BatchNorm2d(num_features, affine=False)
-        if self.bias:
-            self.embed = nn.Embedding(num_classes, num_features * 2)
-            with torch.no_grad():
-                self.embed.weight[:, :num_features].uniform_()
-                self.embed.weight[:, num_features:].zero_()
-        else:
-            self.embed = nn.Embedding(num_classes, num_features)
-            with torch.no_grad():
-                self.embed.weight.uniform_()
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         _check_x(x, self.num_features)
@@ -285,7 +241,7 @@ class ConditionalBatchNorm2d(nn.Module):
         return _per_channel(self.embed(y), self.num_features) * out
 
 
-class ConditionalVarianceNorm2d(nn.Module):
+class ConditionalVarianceNorm2d(_ref.ConditionalVarianceNorm2d):
     r"""Conditional variance norm (ncsnv2 ``ConditionalVarianceNorm2d``), plain PyTorch.
 
     .. math:: \mathrm{out} = \gamma_y \odot x / \sqrt{\operatorname{var}^u_{h,w}(x) + 10^{-5}}
@@ -295,14 +251,6 @@ class ConditionalVarianceNorm2d(nn.Module):
     ncsnv2. Nothing fused.
     """
 
-    def __init__(self, num_features, num_classes, bias=False):
-        super().__init__()
-        self.num_features = num_features
-        self.bias = bias
-        self.embed = nn.Embedding(num_classes, num_features)
-        with torch.no_grad():
-            self.embed.weight.normal_(1, 0.02)
-
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         _check_x(x, self.num_features)
         _check_y(y, x, self.embed.num_embeddings)
@@ -310,7 +258,7 @@ class ConditionalVarianceNorm2d(nn.Module):
         return _per_channel(self.embed(y), self.num_features) * h
 
 
-class VarianceNorm2d(nn.Module):
+class VarianceNorm2d(_ref.VarianceNorm2d):
     r"""Variance norm (ncsnv2 ``VarianceNorm2d``), plain PyTorch.
 
     .. math:: \mathrm{out} = \alpha \odot x / \sqrt{\operatorname{var}^u_{h,w}(x) + 10^{-5}}
@@ -319,41 +267,19 @@ class VarianceNorm2d(nn.Module):
     stored and ignored. Nothing fused.
     """
 
-    def __init__(self, num_features, bias=False):
-        super().__init__()
-        self.num_features = num_features
-        self.bias = bias
-        self.alpha = nn.Parameter(torch.zeros(num_features))
-        with torch.no_grad():
-            self.alpha.normal_(1, 0.02)
-
     def forward(self, x: Tensor) -> Tensor:
         _check_x(x, self.num_features)
         h = x / torch.sqrt(torch.var(x, dim=(2, 3), keepdim=True) + _EPS)
         return _per_channel(self.alpha, self.num_features) * h
 
 
-class ConditionalNoneNorm2d(nn.Module):
+class ConditionalNoneNorm2d(_ref.ConditionalNoneNorm2d):
     r"""Conditional affine map without normalisation (ncsnv2 ``ConditionalNoneNorm2d``), plain PyTorch.
 
     .. math:: \mathrm{out} = \gamma_y \odot x + \beta_y
 
     ``embed`` as :class:`ConditionalInstanceNorm2d` (gamma ~ U[0, 1), beta zero). Nothing fused.
     """
-
-    def __init__(self, num_features, num_classes, bias=True):
-        super().__init__()
-        self.num_features = num_features
-        self.bias = bias
-        if bias:
-            self.embed = nn.Embedding(num_classes, num_features * 2)
-            with torch.no_grad():
-                self.embed.weight[:, :num_features].uniform_()
-                self.embed.weight[:, num_features:].zero_()
-        else:
-            self.embed = nn.Embedding(num_classes, num_features)
-            with torch.no_grad():
-                self.embed.weight.uniform_()
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         _check_x(x, self.num_features)
@@ -364,15 +290,15 @@ class ConditionalNoneNorm2d(nn.Module):
         return _per_channel(self.embed(y), self.num_features) * x
 
 
-class NoneNorm2d(nn.Module):
+class NoneNorm2d(_ref.NoneNorm2d):
     r"""Identity (ncsnv2 ``NoneNorm2d``): :math:`\mathrm{out} = x`. No parameters; ``bias`` is ignored.
 
     Returns ``x`` itself, as ncsnv2 does, after checking it has ``num_features`` channels.
     """
 
     def __init__(self, num_features, bias=True):
-        super().__init__()
-        self.num_features = num_features
+        super().__init__(num_features, bias)
+        self.num_features = num_features  # for the channel check (the original keeps nothing)
 
     def forward(self, x: Tensor) -> Tensor:
         _check_x(x, self.num_features)
@@ -380,11 +306,6 @@ class NoneNorm2d(nn.Module):
 
 
 # ---- factory ------------------------------------------------------------------------------------------
-
-
-class UnknownNormalizationError(ValueError, NotImplementedError):
-    """``config.model.normalization`` names no normaliser. A ValueError; also a NotImplementedError,
-    which is what ncsnv2 raises, so code written against ncsnv2 keeps catching it."""
 
 
 _CONDITIONAL = {
@@ -418,19 +339,3 @@ def get_normalization(config, conditional=True):
     ``norm(ngf, num_classes)`` gives them ``eps = num_classes``, as in the original.
     """
     return normalization_from_tables(config, conditional, _CONDITIONAL, _UNCONDITIONAL)
-
-
-def normalization_from_tables(config, conditional: bool, conditional_table: dict, unconditional_table: dict):
-    """ncsnv2's lookup of ``config.model.normalization`` in a name -> class table; shared with the
-    reference layers (fastscore.nn.reference), whose tables name their own classes."""
-    norm = config.model.normalization
-    table = conditional_table if conditional else unconditional_table
-    if norm is None and not conditional:
-        return None
-    if isinstance(norm, str) and norm in table:
-        return table[norm]
-    kind = "conditional" if conditional else "unconditional"
-    choices = ", ".join(repr(k) for k in table) + ("" if conditional else ", None")
-    raise UnknownNormalizationError(
-        f"config.model.normalization: expected one of {choices} for a {kind} model, got {norm!r}"
-    )

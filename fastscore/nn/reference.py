@@ -261,10 +261,29 @@ _UNCONDITIONAL = {
 }
 
 
+class UnknownNormalizationError(ValueError, NotImplementedError):
+    """``config.model.normalization`` names no normaliser. A ValueError; also a NotImplementedError,
+    which is what ncsnv2 raises, so code written against ncsnv2 keeps catching it."""
+
+
+def normalization_from_tables(config, conditional: bool, conditional_table: dict, unconditional_table: dict):
+    """ncsnv2's lookup of ``config.model.normalization`` in a name -> class table; shared with the fused
+    layers (fastscore.nn.normalization), whose tables name their own classes."""
+    norm = config.model.normalization
+    table = conditional_table if conditional else unconditional_table
+    if norm is None and not conditional:
+        return None
+    if isinstance(norm, str) and norm in table:
+        return table[norm]
+    kind = "conditional" if conditional else "unconditional"
+    choices = ", ".join(repr(k) for k in table) + ("" if conditional else ", None")
+    raise UnknownNormalizationError(
+        f"config.model.normalization: expected one of {choices} for a {kind} model, got {norm!r}"
+    )
+
+
 def get_normalization(config, conditional=True):
     """ncsnv2's ``get_normalization`` over the reference classes (same names and errors as fastscore.nn's)."""
-    from fastscore.nn.normalization import normalization_from_tables
-
     return normalization_from_tables(config, conditional, _CONDITIONAL, _UNCONDITIONAL)
 
 
