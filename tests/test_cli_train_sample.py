@@ -273,6 +273,8 @@ def test_demo_quick_writes_both_images(tmp_path, capsys):
         assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
     assert "annealed Langevin 0.7" in text or "annealed Langevin 0.8" in text  # the 0.8 / 0.2 weights recovered
     assert "one Langevin step" in text and "one NCSNv2 forward" in text
+    speed_lines = [line for line in text.splitlines() if line.lstrip().startswith(("one Langevin", "one NCSNv2"))]
+    assert all(line.endswith(("faster", "slower", "(1.00x)")) for line in speed_lines), speed_lines  # in words
 
 
 def test_refuses_to_overwrite_and_leaves_the_file_alone(tiny_run, tmp_path, capsys):
