@@ -14,6 +14,7 @@ Main entry points:
     fastscore.ops           the fused functional ops (cond_instance_norm, crp_pool, elu, langevin_step_, ...),
                             each with its reference <op>_ref; differentiable, torch.compile-able
     fastscore.sampling      langevin, annealed_langevin(_inpainting), pc_sampler, ode_sampler
+    fastscore.ode           solve_ivp (adaptive Runge-Kutta on tensors, per sample), ode_sampler
     fastscore.likelihood    log_likelihood, bits_per_dim (the probability-flow ODE)
     fastscore.losses        anneal_dsm, (anneal_)sliced_score_matching, sde_dsm; fastscore.sde: VESDE, VPSDE
     fastscore.models        NCSN, NCSNv2 (+Deeper, Deepest), ScoreMLP, get_model, get_config, load_checkpoint
@@ -53,7 +54,7 @@ _FROM = {
     "CheckpointError": ("fastscore.models", "CheckpointError"),
     "patch": ("fastscore.patch", "patch"),
 }
-_SUBMODULES = ("nn", "ops", "models", "sampling", "likelihood", "losses", "sde", "train", "data")
+_SUBMODULES = ("nn", "ops", "models", "sampling", "ode", "likelihood", "losses", "sde", "train", "data")
 
 # The exception classes are public too (above), but not listed here: pydoc would print their inherited methods.
 __all__ = [
@@ -67,6 +68,7 @@ __all__ = [
     "ops",
     "models",
     "sampling",
+    "ode",
     "likelihood",
     "losses",
     "sde",
@@ -78,6 +80,7 @@ if TYPE_CHECKING:
     from fastscore import losses
     from fastscore import models
     from fastscore import nn
+    from fastscore import ode
     from fastscore import ops
     from fastscore import sampling
     from fastscore import sde

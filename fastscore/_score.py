@@ -3,7 +3,7 @@
 A score function must return a tensor of exactly its input's shape, dtype and device: a score of another
 shape would broadcast silently in the samplers' and solvers' arithmetic (``lambda x, t: -x[:, :1]`` gives a
 plausible-looking but wrong likelihood), and another dtype or device would be converted silently on every
-step. The samplers (fastscore.sampling), the probability-flow ODE sampler (fastscore._ode) and the
+step. The samplers (fastscore.sampling), the probability-flow ODE sampler (fastscore.ode) and the
 likelihood (fastscore.likelihood) all call :func:`check_score`, so the same mistake gives the same error
 everywhere. Only metadata is read: no device synchronisation, and it works on tensors that carry autograd
 history or forward-mode tangents.

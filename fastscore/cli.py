@@ -117,7 +117,7 @@ TOY_DATA = ("gmm", "moons", "swissroll", "checkerboard", "rings")
 def _user_errors():
     """The exception types that mean "the user's input is wrong": printed as one line, exit status 1. A NaN or
     Inf score (a diverged checkpoint) stopping the ODE sampler or the likelihood is one."""
-    from fastscore._ode import NonFiniteError
+    from fastscore.ode import NonFiniteError
     from fastscore.data.images import DataError
     from fastscore.models import CheckpointError
     from fastscore.models import ConfigError

@@ -8,7 +8,7 @@ The probability-flow ODE :math:`dx/dt = \tilde f(x, t) = f(x, t) - \tfrac12 g(t)
     \log p_\epsilon(x) = \log p_T(z) + \int_\epsilon^T \operatorname{div}_x \tilde f(x(t), t)\,dt .
 
 The ODE state per sample is ``[x (D values), one running integral of the divergence per probe]``, integrated
-from ``eps`` to ``T`` with fastscore's adaptive Runge-Kutta (fastscore._ode.solve_ivp: scipy's RK45 on the
+from ``eps`` to ``T`` with fastscore's adaptive Runge-Kutta (fastscore.ode.solve_ivp: scipy's RK45 on the
 tensors' device, per-sample error control, finished samples leave the batch). Each right-hand side
 evaluates the network ONCE for both the drift and the divergence estimate
 (:func:`fastscore.ops.hutchinson.probe_products`: forward-mode dual passes, or one recorded forward and a
@@ -32,15 +32,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fastscore._ode import NonFiniteError
-from fastscore._ode import _check_sde
-from fastscore._ode import _nonfinite_rows
-from fastscore._ode import _number
-from fastscore._ode import _pf_drift
-from fastscore._ode import _Progress
-from fastscore._ode import _some
-from fastscore._ode import _Watch
-from fastscore._ode import solve_ivp
+from fastscore.ode import NonFiniteError
+from fastscore.ode import _check_sde
+from fastscore.ode import _nonfinite_rows
+from fastscore.ode import _number
+from fastscore.ode import _pf_drift
+from fastscore.ode import _Progress
+from fastscore.ode import _some
+from fastscore.ode import _Watch
+from fastscore.ode import solve_ivp
 from fastscore.ops.hutchinson import exact_divergence
 from fastscore.ops.hutchinson import make_probes
 from fastscore.ops.hutchinson import probe_products
@@ -103,7 +103,7 @@ def log_likelihood(
 
     ``score_fn`` must return x's shape, dtype and device (else an error naming it, as every sampler). ``x``
     must be finite (ValueError); a NaN or Inf that appears during the integration stops it within that
-    step with a :class:`fastscore._ode.NonFiniteError` (a RuntimeError) saying whether ``score_fn``'s output
+    step with a :class:`fastscore.ode.NonFiniteError` (a RuntimeError) saying whether ``score_fn``'s output
     or the divergence estimate held it, at which times, for which samples.
 
     With ``return_info=True`` returns ``(logp, LikelihoodInfo)``: nfe and the probes' standard error.

@@ -97,9 +97,9 @@ _KNOWN_COUNTER = 1 << 62 | 1 << 61
 
 
 def ode_sampler(score_fn, sde, shape, **kwargs):
-    """The probability-flow ODE sampler (adaptive RK45 on the tensors' device): see fastscore._ode.ode_sampler,
+    """The probability-flow ODE sampler (adaptive RK45 on the tensors' device): see fastscore.ode.ode_sampler,
     which this forwards to (imported on first use)."""
-    from fastscore._ode import ode_sampler as solve
+    from fastscore.ode import ode_sampler as solve
 
     return solve(score_fn, sde, shape, **kwargs)
 

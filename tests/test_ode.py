@@ -1,4 +1,4 @@
-"""fastscore._ode.solve_ivp: the adaptive Runge-Kutta on tensors, against scipy.integrate.solve_ivp.
+"""fastscore.ode.solve_ivp: the adaptive Runge-Kutta on tensors, against scipy.integrate.solve_ivp.
 
 Per-sample control must give each sample scipy's solution and scipy's evaluation count for that sample
 alone; joint control (per_sample=False) must give scipy's result on the flattened batch.
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from fastscore._ode import METHODS
-from fastscore._ode import NonFiniteError
-from fastscore._ode import solve_ivp
+from fastscore.ode import METHODS
+from fastscore.ode import NonFiniteError
+from fastscore.ode import solve_ivp
 
 scipy_integrate = pytest.importorskip("scipy.integrate")
 
