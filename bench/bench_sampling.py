@@ -25,6 +25,7 @@ import torch
 
 from fastscore import sampling
 from fastscore import sde as sde_lib
+from fastscore.model_sampling import time_to_label
 from fastscore.models import NCSNv2
 from fastscore.models import get_config
 
@@ -151,9 +152,8 @@ def end_to_end_cases(device="cpu"):
 
     def t_score(model):
         def score(x, t):
-            # score_sde's VE discrete labels: round((T - t)(N - 1)) into this bench's levels
-            idx = ((sde.T - t) * (len(levels) - 1)).round().long()
-            return model(x, label_of[idx])
+            # score_sde's VE discrete labels (the CLI's mapping), into this bench's levels
+            return model(x, label_of[time_to_label(t, sde.T, len(levels))])
 
         return score
 

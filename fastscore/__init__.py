@@ -15,10 +15,12 @@ Main entry points:
                             each with its reference <op>_ref; differentiable, torch.compile-able
     fastscore.sampling      langevin, annealed_langevin(_inpainting), pc_sampler, ode_sampler
     fastscore.ode           solve_ivp (adaptive Runge-Kutta on tensors, per sample), ode_sampler
+    fastscore.noise         the counter-based normals every sampler draws, and caller-given noise sources
     fastscore.likelihood    log_likelihood, bits_per_dim (the probability-flow ODE)
     fastscore.losses        anneal_dsm, (anneal_)sliced_score_matching, sde_dsm; fastscore.sde: VESDE, VPSDE
     fastscore.models        NCSN, NCSNv2 (+Deeper, Deepest), ScoreMLP, get_model, get_config, load_checkpoint
     fastscore.train         the training loop behind `fastscore train`
+    fastscore.distributed   torchrun / torch.distributed: shard sampling and likelihoods, gather on rank 0
 
 Backends: an op runs C++ kernels on CPU tensors and CUDA or Triton kernels on CUDA tensors, else its
 reference. fastscore.backends() says which can run here and why not; ``with fastscore.use_backend("ref"):``
@@ -54,7 +56,20 @@ _FROM = {
     "CheckpointError": ("fastscore.models", "CheckpointError"),
     "patch": ("fastscore.patch", "patch"),
 }
-_SUBMODULES = ("nn", "ops", "models", "sampling", "ode", "likelihood", "losses", "sde", "train", "data")
+_SUBMODULES = (
+    "nn",
+    "ops",
+    "models",
+    "sampling",
+    "ode",
+    "noise",
+    "likelihood",
+    "losses",
+    "sde",
+    "train",
+    "data",
+    "distributed",
+)
 
 # The exception classes are public too (above), but not listed here: pydoc would print their inherited methods.
 __all__ = [
@@ -69,6 +84,7 @@ __all__ = [
     "models",
     "sampling",
     "ode",
+    "noise",
     "likelihood",
     "losses",
     "sde",
@@ -76,10 +92,12 @@ __all__ = [
 
 if TYPE_CHECKING:
     from fastscore import data  # noqa: F401  (not in __all__)
+    from fastscore import distributed  # noqa: F401  (not in __all__)
     from fastscore import likelihood
     from fastscore import losses
     from fastscore import models
     from fastscore import nn
+    from fastscore import noise
     from fastscore import ode
     from fastscore import ops
     from fastscore import sampling

@@ -22,6 +22,8 @@ import importlib.util
 import os
 import threading
 import warnings
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
@@ -345,6 +347,47 @@ def select(op: str, device: torch.device, *, cpp_op: str, cuda_order: tuple[str,
         detail = "; ".join(reasons) or f"no fused backend for {device.type} tensors"
         warnings.warn(f"fastscore: {op} on {device.type} uses the reference implementation ({detail})", stacklevel=3)
     return "ref"
+
+
+# ---- the chosen implementation, cached per op --------------------------------------------------------
+# select() costs 5 to 10 us a call (the forced backend, then _status's probes of what is built and
+# installed): as much as a small kernel, and an op runs thousands of times in a sampler and dozens of times
+# per network forward. Its answer depends only on the op, the forced backend and the device type, since
+# what is built and installed does not change within a process. So each op makes the choice once per
+# (op, forced backend, device type) and keeps the implementation its factory makes of it; a forced backend
+# that cannot run is not kept (it raises on every call). Code that changes what select() would answer
+# (tests pretending a backend is missing by patching _status, _triton_interpreting or select) must start
+# from an empty cache and leave the old one after: ``monkeypatch.setattr(_backend, "_chosen", {})``, or
+# clear_chosen().
+_chosen: dict[tuple[str, str | None, str], object] = {}
+_T = TypeVar("_T")
+
+
+def chosen_impl(
+    op: str,
+    device: torch.device,
+    factory: Callable[[str], _T],
+    *,
+    cpp_op: str,
+    cuda_order: tuple[str, ...] = ("cuda", "triton"),
+) -> _T:
+    """``factory(select(op, device, cpp_op=..., cuda_order=...))``, made once per (op, forced backend,
+    device type) and cached (see above): an op's implementation for tensors on `device`.
+
+    `factory` is the op's ``_impl(backend)``, which returns what the op calls for that backend; one factory
+    per op name. `cpp_op` and `cuda_order` are select()'s, read when the choice is made.
+    """
+    key = (op, forced_backend(), device.type)
+    impl = _chosen.get(key)
+    if impl is None:
+        impl = factory(select(op, device, cpp_op=cpp_op, cuda_order=cuda_order))
+        _chosen[key] = impl
+    return impl
+
+
+def clear_chosen() -> None:
+    """Forget every op's cached choice (chosen_impl): the next call of each op chooses again."""
+    _chosen.clear()
 
 
 # ---- which path a public op takes ------------------------------------------------------------------

@@ -1,10 +1,10 @@
 """Progress reports on stderr for the samplers, the ODE solvers and training: one class, :class:`Progress`.
 
-* On a terminal: tqdm's bar when tqdm is installed, else one line redrawn in place (``\\r``); both show the
-  elapsed time, the rate and an ETA.
-* Anywhere else (stderr redirected to a log file or a pipe, a CI job): whole lines, no ``\\r``: one each
-  time another tenth of the work is done (at most one a second) or 10 s have passed since the last one,
-  and one at the end, each with the elapsed time and an ETA. In a Jupyter kernel tqdm's widget is used.
+* On a terminal, and in a Jupyter kernel: tqdm's bar (elapsed time, rate, ETA).
+* Anywhere else (stderr redirected to a log file or a pipe, a CI job): whole lines, no ``\\r`` -- tqdm would
+  redraw its bar with carriage returns, which a log keeps as one unreadable line: one each time another
+  tenth of the work is done (at most one a second) or 10 s have passed since the last one, and one at the
+  end, each with the elapsed time and an ETA.
 """
 
 from __future__ import annotations
@@ -74,25 +74,19 @@ class Progress:
         self.postfix = ""
         self.closed = False
         self.tqdm = None
-        self.mode = None  # "tqdm", "tty" (our own \r line) or "lines"
+        self.mode = None  # "tqdm" or "lines"
         if not enabled:
             return
-        terminal = _is_terminal(self.stream)
-        if terminal or _in_notebook():
-            try:
-                from tqdm.auto import tqdm
-            except ImportError:
-                tqdm = None
-            if tqdm is not None:
-                self.tqdm = tqdm(
-                    total=self.total, initial=self.initial, desc=desc, unit=unit, leave=leave, file=self.stream,
-                    dynamic_ncols=True,
-                )  # fmt: skip
-                self.mode = "tqdm"
-                return
-        self.mode = "tty" if terminal else "lines"
-        if self.mode == "tty":
-            self._draw()
+        if _is_terminal(self.stream) or _in_notebook():
+            from tqdm.auto import tqdm
+
+            self.tqdm = tqdm(
+                total=self.total, initial=self.initial, desc=desc, unit=unit, leave=leave, file=self.stream,
+                dynamic_ncols=True,
+            )  # fmt: skip
+            self.mode = "tqdm"
+        else:
+            self.mode = "lines"
 
     # ---- what a line says ----
 
@@ -110,10 +104,6 @@ class Progress:
         if self.postfix:
             text += f"  {self.postfix}"
         return text
-
-    def _draw(self) -> None:
-        self.stream.write("\r" + self._status() + "\033[K")  # \033[K clears what a longer line left
-        self.stream.flush()
 
     def _line(self) -> None:
         self.stream.write(self._status() + "\n")
@@ -136,11 +126,6 @@ class Progress:
             return
         self.n += n
         now = self.clock()
-        if self.mode == "tty":
-            if now - self.last_time >= 0.1 or self.n >= self.total:
-                self.last_time = now
-                self._draw()
-            return
         if self.n == self.last_n:
             return
         step = max(1.0, self.every_fraction * self.total)
@@ -155,9 +140,6 @@ class Progress:
             return
         if self.mode == "tqdm":
             self.tqdm.write(text, file=self.stream)
-        elif self.mode == "tty":
-            self.stream.write("\r\033[K" + text + "\n")
-            self._draw()
         else:
             self.stream.write(text + "\n")
             self.stream.flush()
@@ -168,12 +150,5 @@ class Progress:
         self.closed = True
         if self.mode == "tqdm":
             self.tqdm.close()
-        elif self.mode == "tty":
-            if self.leave:
-                self._draw()
-                self.stream.write("\n")
-            else:
-                self.stream.write("\r\033[K")
-            self.stream.flush()
         elif self.mode == "lines" and self.n != self.last_n:
             self._line()

@@ -7,6 +7,7 @@ a command that cannot do its job exits with status 1 and one line saying why.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import pkgutil
@@ -16,7 +17,12 @@ import sys
 
 
 class CommandError(Exception):
-    """A user-facing failure: printed as one line, exit status 1."""
+    """A user-facing failure: printed as one line, exit status 1. ``shared``: every rank of a distributed run
+    raised it together (:func:`_together`), so rank 0 alone prints it."""
+
+    def __init__(self, message: str, *, shared: bool = False):
+        super().__init__(message)
+        self.shared = shared
 
 
 class _Parser(argparse.ArgumentParser):
@@ -117,10 +123,10 @@ TOY_DATA = ("gmm", "moons", "swissroll", "checkerboard", "rings")
 def _user_errors():
     """The exception types that mean "the user's input is wrong": printed as one line, exit status 1. A NaN or
     Inf score (a diverged checkpoint) stopping the ODE sampler or the likelihood is one."""
-    from fastscore.ode import NonFiniteError
     from fastscore.data.images import DataError
     from fastscore.models import CheckpointError
     from fastscore.models import ConfigError
+    from fastscore.ode import NonFiniteError
     from fastscore.train import TrainError
 
     return (DataError, CheckpointError, ConfigError, TrainError, FileNotFoundError, NonFiniteError)
@@ -183,6 +189,92 @@ def _write_failed(exc: OSError, path) -> CommandError:
     reason = exc.strerror or str(exc) or type(exc).__name__
     where = f" ({exc.filename})" if exc.filename else ""
     return CommandError(f"writing {path!r} failed: {reason}{where}; nothing half-written was left there")
+
+
+@contextlib.contextmanager
+def _as_command_errors(writing=None):
+    """The user's errors (:func:`_user_errors`) raised inside as a one-line CommandError; with ``writing``
+    (what the block writes), an OSError too, as :func:`_write_failed` words it."""
+    try:
+        yield
+    except _user_errors() as exc:
+        raise CommandError(str(exc)) from None
+    except OSError as exc:
+        if writing is None:
+            raise
+        raise _write_failed(exc, writing) from None
+
+
+def _timed(fn):
+    """``(fn(), seconds it took)``."""
+    import time
+
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+# ---- several processes (torchrun) ------------------------------------------------------------------------------
+
+DISTRIBUTED_COMMANDS = ("train", "sample", "likelihood")  # what runs under torchrun with several processes
+
+
+def _launched() -> bool:
+    """Started by torchrun as one of several processes? (Read from WORLD_SIZE without importing torch; a
+    malformed value counts as a launch, which fastscore.distributed.init then refuses, naming it.)"""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+    except ValueError:
+        return True
+
+
+def _world():
+    """This process's fastscore.distributed.World under torchrun with several processes, else None."""
+    if not _launched():
+        return None
+    from fastscore import distributed
+
+    return distributed.world()
+
+
+def _distributed_errors() -> tuple:
+    """fastscore.distributed.DistributedError when torch.distributed is in use, else no type (nothing to catch)."""
+    module = sys.modules.get("fastscore.distributed")
+    return (module.DistributedError,) if module is not None else ()
+
+
+def _together(fn, *, main_only=None, writing=None):
+    """``fn()``'s result. With several processes, every rank learns whether any rank refused (a CommandError,
+    or a user error: :func:`_user_errors`) and all stop together with the first refusal, which rank 0 alone
+    prints (CommandError ``shared``): a refusal only some ranks see (an output file only rank 0 checks) stops
+    every rank at once instead of leaving the others waiting. ``main_only``: a check only rank 0 runs first;
+    ``writing``: what the command writes (an OSError while checking it is said as a failed write)."""
+    world = _world()
+    error, result = None, None
+    try:
+        with _as_command_errors(writing):
+            if main_only is not None and (world is None or world.main):
+                main_only()
+            result = fn()
+    except CommandError as exc:
+        if world is None:
+            raise
+        error = str(exc)
+    if world is not None:
+        from fastscore import distributed
+
+        first = distributed.first_error(error)
+        if first is not None:
+            rank, message = first
+            raise CommandError(message if rank == 0 else f"rank {rank} of {world.size}: {message}", shared=True)
+    return result
+
+
+def _pick(count: int, n: int, seed: int):
+    """The indices of ``n`` of ``count`` examples (all of them when fewer), in a random order drawn from ``seed``."""
+    import torch
+
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:n]
 
 
 SEED_MAX = 2**63 - 1
@@ -275,7 +367,8 @@ def _apply_overrides(config, overrides):
     return dict2namespace(config)
 
 
-DATA_CHOICES = f"digits, {', '.join(TOY_DATA)}, a folder of images or an .npz file"
+DATA_HELP = f"digits, {', '.join(TOY_DATA)}, a folder of images or an .npz"  # what --data takes
+DATA_CHOICES = f"{DATA_HELP} file"
 
 
 def _check_data_name(name) -> None:
@@ -301,9 +394,10 @@ def _load_data(name, config, *, seed: int = 0, n: int | None = None, model: str 
     data at the config's size. ``model``: whose model ``config`` describes, for the message when the data
     does not fit it (``"the checkpoint's"``); None when the config is the one to train."""
     from fastscore.data.images import load_dataset
+    from fastscore.model_sampling import is_toy
     from fastscore.models.configs import field
 
-    toy_model = config is not None and field(config, "model.arch", "any", None) == "ScoreMLP"
+    toy_model = config is not None and is_toy(config)
     if name in TOY_DATA:
         from fastscore.data.toy import toy_sample
         from fastscore.train import toy_config
@@ -359,28 +453,36 @@ def _train(args) -> int:
             file=sys.stderr,
         )
         return 2
-    _set_threads(args.threads)
-    if args.resume and (args.config or args.set):
-        raise CommandError("--resume continues with the run's own config: leave out --config and --set")
-    if args.out is None and args.data is None:
-        raise CommandError("--resume: pass --out, the folder of the run to continue")
-    out = args.out or os.path.join(
-        "runs",
-        f"{os.path.splitext(os.path.basename(args.config or 'default'))[0]}-"
-        f"{os.path.splitext(os.path.basename(args.data.rstrip('/')))[0]}",
+    world = _world()
+    main = world is None or world.main
+    out = args.out or (
+        None
+        if args.data is None
+        else os.path.join(
+            "runs",
+            f"{os.path.splitext(os.path.basename(args.config or 'default'))[0]}-"
+            f"{os.path.splitext(os.path.basename(args.data.rstrip('/')))[0]}",
+        )
     )
-    ckpt = os.path.join(out, CHECKPOINT_NAME)
-    if args.resume and not os.path.isfile(ckpt):
-        hint = "" if args.out else " (pass --out, the run's folder)"
-        raise CommandError(f"--resume: no checkpoint {ckpt!r} to continue from{hint}")
-    if not args.resume and os.path.exists(ckpt) and not args.force:
-        raise CommandError(f"checkpoint {ckpt!r} exists; pass --resume to continue it or --force to start over")
-    if args.export:
-        _check_output_file(args.export, args.force, what="--export")
-    writing = out
-    try:
+
+    def setup():
         # Everything that can be refused is checked before any work: the config (fields, --set, its memory
-        # estimate) and the output folder (writable, room for a checkpoint); then the run folder is locked.
+        # estimate) and the output folder (writable, room for a checkpoint); then the run folder is locked. With
+        # several processes rank 0 alone writes the run folder and --export, so it alone checks them (every rank
+        # reads the checkpoint it resumes from).
+        _set_threads(args.threads)
+        if args.resume and (args.config or args.set):
+            raise CommandError("--resume continues with the run's own config: leave out --config and --set")
+        if out is None:
+            raise CommandError("--resume: pass --out, the folder of the run to continue")
+        ckpt = os.path.join(out, CHECKPOINT_NAME)
+        if args.resume and not os.path.isfile(ckpt):
+            hint = "" if args.out else " (pass --out, the run's folder)"
+            raise CommandError(f"--resume: no checkpoint {ckpt!r} to continue from{hint}")
+        if main and not args.resume and os.path.exists(ckpt) and not args.force:
+            raise CommandError(f"checkpoint {ckpt!r} exists; pass --resume to continue it or --force to start over")
+        if main and args.export:
+            _check_output_file(args.export, args.force, what="--export")
         data = None
         data_name, data_seed = args.data, args.seed
         loss, batch_size = args.loss or "dsm", args.batch_size
@@ -406,14 +508,21 @@ def _train(args) -> int:
             _check_data_name(args.data)
             config = None
         params = check_memory(config, loss=loss, batch_size=batch_size) if config is not None else None
-        existing = _check_output_folder(out)
-        if params is not None:
-            _check_free_space(existing, out, params, config)
-        with run_folder(out):
+        if main:
+            existing = _check_output_folder(out)
+            if params is not None:
+                _check_free_space(existing, out, params, config)
+        return data, data_name, data_seed, config
+
+    data, data_name, data_seed, config = _together(setup, writing=out)
+    with _as_command_errors(out):
+        with run_folder(out) if main else contextlib.nullcontext():
             if data is None:
                 data, config = _load_data(data_name, config, seed=data_seed)
+            where = f" ({world.size} processes)" if world is not None else ""
             print(
-                f"train: {len(data)} examples of shape {tuple(data.shape[1:])} from {data_name!r}; writing {out}/",
+                f"train: {len(data)} examples of shape {tuple(data.shape[1:])} from {data_name!r}; writing {out}/"
+                f"{where}",
                 file=sys.stderr,
             )
             result = train(
@@ -439,14 +548,10 @@ def _train(args) -> int:
         elif not args.no_samples:
             print("samples: none (the config's training.snapshot_sampling is false; "
                   "--set training.snapshot_sampling=true draws a grid at every snapshot)")  # fmt: skip
-        if args.export:
-            writing = args.export
-            size = export_checkpoint(result.checkpoint, args.export)
+        if args.export and main:
+            with _as_command_errors(args.export):
+                size = export_checkpoint(result.checkpoint, args.export)
             print(f"exported the EMA weights (float16) to {args.export} ({size / 1e6:.1f} MB)")
-    except _user_errors() as exc:
-        raise CommandError(str(exc)) from None
-    except OSError as exc:
-        raise _write_failed(exc, writing) from None
     return 0
 
 
@@ -498,7 +603,7 @@ def _positive_int(text: str) -> int:
 
 # ---- fastscore sample ---------------------------------------------------------------------------------------
 
-SAMPLERS = ("ald", "pc", "ode")
+SAMPLERS = ("ald", "pc", "ode")  # fastscore.model_sampling.SAMPLERS, spelled out: building the parser imports no torch
 MASKS = ("left", "right", "top", "bottom", "center")
 
 
@@ -507,41 +612,6 @@ def _output_kind(path: str, kinds=(".png", ".npz")) -> str:
     if ext not in kinds:
         raise CommandError(f"--out {path!r}: expected a {' or '.join(kinds)} file")
     return ext
-
-
-# The predictor-corrector sampler needs about 3 time steps per noise level of a label-conditioned model:
-# on the shipped digits model (16 levels) 20 and 32 steps leave salt-and-pepper noise (mean difference of
-# neighbouring pixels 0.33 and 0.26, against 0.09 for the data), 40 a visible grain (0.11), 50 and 100 give
-# clean digits (0.088, 0.084); the reverse-diffusion predictor alone is the noisy part.
-PC_STEPS_PER_LEVEL = 3
-
-
-def pc_default_steps(levels: int) -> int:
-    """The predictor-corrector sampler's default number of time steps: 3 per noise level, at least 100 (fewer
-    than 3 per level warn: :func:`_too_few_steps`)."""
-    return max(PC_STEPS_PER_LEVEL * levels, 100)
-
-
-def _sde_for(model, config, meta, n_steps: int | None):
-    """``(score_fn(x, t), sde)`` for the PC / ODE samplers and likelihoods: the VE SDE spanning the model's
-    noise levels; a label-conditioned network gets the nearest level, ``round((T - t)(L - 1))``, as score_sde
-    feeds its discrete NCSN models (geometric levels: exact on the levels' times)."""
-    import torch
-
-    from fastscore.models import get_sigmas
-    from fastscore.models.configs import field
-    from fastscore.sde import VESDE
-
-    sigmas = get_sigmas(config).cpu()
-    levels = len(sigmas)
-    sde = VESDE(sigma_min=float(sigmas[-1]), sigma_max=float(sigmas[0]), N=n_steps or pc_default_steps(levels))
-    if field(config, "model.arch", "any", None) == "ScoreMLP" and meta.get("loss") == "sde":
-        return (lambda x, t: model(x, t) / sde.marginal_prob(x, t)[1][:, None]), sde
-
-    def score_fn(x, t):
-        return model(x, torch.round((sde.T - t) * (levels - 1)).long().clamp_(0, levels - 1))
-
-    return score_fn, sde
 
 
 def _mask(spec: str, shape):
@@ -591,68 +661,14 @@ def _mask(spec: str, shape):
     return mask
 
 
-def _timed(fn):
-    import time
-
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
-
-
-def _run_sampler(args, model, config, meta, known=None, mask=None):
-    """The samples (N, ...) in data space ([0, 1] for images) of the sampler ``args.sampler``."""
-    import torch
-
-    from fastscore.data.images import data_transform
-    from fastscore.data.images import inverse_data_transform
-    from fastscore.models import get_sigmas
-    from fastscore.models.configs import field
-    from fastscore.train import sample
-
-    toy = field(config, "model.arch", "any", None) == "ScoreMLP"
-    post = (lambda x: x) if toy else (lambda x: inverse_data_transform(config, x))
-    shape = (
-        (args.n, field(config, "data.dim", "int+"))
-        if toy
-        else (args.n, config.data.channels, config.data.image_size, config.data.image_size)
-    )
-    progress = not args.no_progress
-    with torch.no_grad():
-        if mask is not None:
-            from fastscore.sampling import annealed_langevin_inpainting
-
-            gen = torch.Generator().manual_seed(args.seed)
-            x = data_transform(config, torch.rand(shape, generator=gen))
-            out = annealed_langevin_inpainting(
-                model, x, known, mask, get_sigmas(config).cpu(),
-                n_steps_each=args.steps_each or field(config, "sampling.n_steps_each", "int+", 100),
-                step_lr=args.step_lr or field(config, "sampling.step_lr", "number+", 2e-5),
-                denoise=True, seed=args.seed, progress=progress,
-            )  # fmt: skip
-            return post(out)
-        if args.sampler == "ald":
-            return sample(model, config, args.n, seed=args.seed, n_steps_each=args.steps_each, step_lr=args.step_lr,
-                          progress=progress)  # fmt: skip
-        score_fn, sde = _sde_for(model, config, meta, args.sde_steps)
-        if args.sampler == "pc":
-            from fastscore.sampling import pc_sampler
-
-            out = pc_sampler(score_fn, sde, shape, snr=args.snr, seed=args.seed, progress=progress)
-        else:
-            from fastscore.sampling import ode_sampler
-
-            out = ode_sampler(score_fn, sde, shape, seed=args.seed, rtol=1e-3, atol=1e-3, progress=progress)
-        return post(out)
-
-
 def _load_model(args, layers: str = "fused"):
     import torch
 
-    from fastscore.models.configs import field
+    from fastscore.model_sampling import is_toy
     from fastscore.train import model_from_checkpoint
 
     model, config, meta = model_from_checkpoint(args.checkpoint, config=args.config, ema=not args.no_ema, layers=layers)
-    if layers == "fused" and field(config, "model.arch", "any", None) != "ScoreMLP":
+    if layers == "fused" and not is_toy(config):
         # channels_last is the fused layers' fastest CPU layout (NCSNv2 module docstring).
         model = model.to(memory_format=torch.channels_last)
     return model, config, meta
@@ -701,14 +717,10 @@ def _compiled(model, compile: bool):
     return torch.compile(model, fullgraph=True, dynamic=False)
 
 
-def speed_words(seconds: float, ref_seconds: float) -> str:
-    """How fastscore's time compares with the reference's, in words: '1.90x faster', '1.04x slower'."""
-    if not seconds > 0 or not ref_seconds > 0:
-        return "not timed (a time of zero)"
-    ratio = ref_seconds / seconds
-    if round(ratio, 2) == 1.0:
-        return "as fast (1.00x)"
-    return f"{ratio:.2f}x faster" if ratio > 1 else f"{1 / ratio:.2f}x slower"
+def _sampling_model(args, layers: str = "fused"):
+    """``(network, config, meta)`` of --checkpoint for `fastscore sample`: --bf16 and --compile applied."""
+    model, config, meta = _load_model(args, layers=layers)
+    return _compiled(_in_bf16(model, args.bf16), args.compile), config, meta
 
 
 ALD_MIN_FRACTION = 0.25  # of the config's n_steps_each * step_lr, below which `fastscore sample` warns
@@ -717,15 +729,16 @@ ALD_MIN_FRACTION = 0.25  # of the config's n_steps_each * step_lr, below which `
 def _too_few_steps(args, config) -> str | None:
     """A warning when the sampler is asked for far fewer steps than the model needs (its samples are then
     mostly noise), else None. See the README's "Command line" for the rules."""
+    from fastscore.model_sampling import PC_STEPS_PER_LEVEL
+    from fastscore.model_sampling import langevin_settings
+    from fastscore.model_sampling import pc_default_steps
     from fastscore.models import get_sigmas
-    from fastscore.models.configs import field
 
     if args.sampler == "ald" or args.mask:
         if args.steps_each is None and args.step_lr is None:
             return None
-        steps = field(config, "sampling.n_steps_each", "int+", 100)
-        lr = field(config, "sampling.step_lr", "number+", 2e-5)
-        given_steps, given_lr = args.steps_each or steps, args.step_lr or lr
+        steps, lr = langevin_settings(config)
+        given_steps, given_lr = langevin_settings(config, args.steps_each, args.step_lr)
         # At level i a chain diffuses over about sigma_i * sqrt(2 n_steps_each step_lr) / sigma_L: with less than
         # a quarter of the config's n_steps_each * step_lr it covers less than half the distance the config was
         # tuned for. On the shipped digits model a tenth and a fifth of it give noise (1 or 2 steps at 5e-5, or 10
@@ -753,19 +766,21 @@ def _sample(args) -> int:
     import numpy as np
     import torch
 
+    from fastscore import distributed
     from fastscore.data.images import atomic_write_bytes
     from fastscore.data.images import save_image_grid
-    from fastscore.models.configs import field
+    from fastscore.demo import speed_words
+    from fastscore.model_sampling import is_toy
 
+    world = _world()
     kind = _output_kind(args.out)
-    _check_output_file(args.out, args.force)
-    if args.mask and args.sampler != "ald":
-        raise CommandError("--mask: inpainting runs annealed Langevin dynamics (--sampler ald)")
-    _set_threads(args.threads)
-    try:
-        model, config, meta = _load_model(args)
-        model = _compiled(_in_bf16(model, args.bf16), args.compile)
-        toy = field(config, "model.arch", "any", None) == "ScoreMLP"
+
+    def setup():
+        if args.mask and args.sampler != "ald":
+            raise CommandError("--mask: inpainting runs annealed Langevin dynamics (--sampler ald)")
+        _set_threads(args.threads)
+        model, config, meta = _sampling_model(args)
+        toy = is_toy(config)
         warning = _too_few_steps(args, config)
         if warning:
             print(f"fastscore sample: warning: {warning}", file=sys.stderr)
@@ -780,19 +795,34 @@ def _sample(args) -> int:
             from fastscore.data.images import load_dataset
 
             images = load_dataset(data_name, config.data.image_size, config.data.channels)
-            pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))[: args.n]
+            pick = _pick(len(images), args.n, args.seed)
             if len(pick) < args.n:
                 pick = pick.repeat(args.n // len(pick) + 1)[: args.n]
             known = data_transform(config, images[pick])
             mask = _mask(args.mask, known.shape)
-        samples, seconds = _timed(lambda: _run_sampler(args, model, config, meta, known, mask))
-        print(f"sampled {args.n} with {args.sampler}{' (inpainting)' if mask is not None else ''} in {seconds:.1f} s")
+        return model, config, meta, toy, known, mask
+
+    # rank 0 alone writes --out, so it alone checks it; every rank stops if it is refused
+    model, config, meta, toy, known, mask = _together(setup, main_only=lambda: _check_output_file(args.out, args.force))
+    with _as_command_errors():
+
+        def draw(network):  # with several processes: each its shard, gathered on rank 0 (None elsewhere)
+            return _timed(lambda: distributed.sample(
+                network, config, args.n, sampler=args.sampler, meta=meta, seed=args.seed, n_steps_each=args.steps_each,
+                step_lr=args.step_lr, sde_steps=args.sde_steps, snr=args.snr, known=known, mask=mask,
+                progress=not args.no_progress))  # fmt: skip
+
+        samples, seconds = draw(model)
+        where = f" on {world.size} processes" if world is not None else ""
+        print(
+            f"sampled {args.n} with {args.sampler}{' (inpainting)' if mask is not None else ''}{where} in "
+            f"{seconds:.1f} s ({args.n / max(seconds, 1e-9):.3g} samples/s)"
+        )
         if args.reference:
-            ref_model = _compiled(_in_bf16(_load_model(args, layers="reference")[0], args.bf16), args.compile)
-            _, ref_seconds = _timed(lambda: _run_sampler(args, ref_model, config, meta, known, mask))
+            _, ref_seconds = draw(_sampling_model(args, layers="reference")[0])
             print(f"reference layers: {ref_seconds:.1f} s; fastscore is {speed_words(seconds, ref_seconds)}")
-    except _user_errors() as exc:
-        raise CommandError(str(exc)) from None
+    if world is not None and not world.main:
+        return 0  # rank 0 writes the output
     try:  # atomically: a failed write leaves neither a partial file nor a temporary one
         if kind == ".png" and toy:  # 2-D points: a scatter plot, next to the toy data the model was trained on
             from fastscore.data.images import save_scatter
@@ -832,204 +862,89 @@ def _likelihood(args) -> int:
 
     import torch
 
+    from fastscore import distributed
     from fastscore.data.images import data_transform
     from fastscore.likelihood import bits_per_dim
     from fastscore.likelihood import dequantization_offset
-    from fastscore.likelihood import log_likelihood
-    from fastscore.models.configs import field
+    from fastscore.model_sampling import is_toy
+    from fastscore.model_sampling import sde_for
 
-    _set_threads(args.threads)
-    try:
+    world = _world()
+    if args.out is not None:
+        _output_kind(args.out, kinds=(".npz",))
+
+    def setup():
+        _set_threads(args.threads)
         model, config, meta = _load_model(args)
-        toy = field(config, "model.arch", "any", None) == "ScoreMLP"
+        toy = is_toy(config)
         data, config = _load_data(args.data, config, seed=args.seed, n=None if not toy else args.n,
                                   model="the checkpoint's")  # fmt: skip
-        pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[: args.n]
-        x = data[pick]
+        return model, config, meta, toy, data
+
+    model, config, meta, toy, data = _together(
+        setup, main_only=None if args.out is None else lambda: _check_output_file(args.out, args.force)
+    )
+    with _as_command_errors():
+        x = data[_pick(len(data), args.n, args.seed)]
         if not toy:
             # score_sde evaluates uniformly dequantised data, (255 x + U) / 256, so the offset turns the density
             # into the probability of the 256 levels.
             u = torch.rand(x.shape, generator=torch.Generator().manual_seed(args.seed + 1))
             x = data_transform(config, (x * 255.0 + u) / 256.0)
-        score_fn, sde = _sde_for(model, config, meta, None)
+        score_fn, sde = sde_for(model, config, meta)
         with torch.no_grad():
-            (logp, info), seconds = _timed(lambda: log_likelihood(
+            # with several processes each rank integrates its shard of x; rank 0 gets every example's result
+            result, seconds = _timed(lambda: distributed.log_likelihood(
                 score_fn, sde, x, n_probes=args.probes, seed=args.seed, rtol=args.tol, atol=args.tol,
                 progress=not args.no_progress, return_info=True))  # fmt: skip
-    except _user_errors() as exc:
-        raise CommandError(str(exc)) from None
+    if world is not None and not world.main:
+        return 0
+    logp, info = result
     offset = 0.0 if toy else dequantization_offset(0.0, 1.0)
     bpd = bits_per_dim(logp, x, offset=offset).double()
     err = float(bpd.std() / math.sqrt(len(bpd))) if len(bpd) > 1 else float("nan")
     unit = "bits/dim" if not toy else "bits/dim (continuous density)"
+    where = f" on {world.size} processes" if world is not None else ""
     print(
         f"{float(bpd.mean()):.3f} +- {err:.3f} {unit} over {len(bpd)} examples of {args.data!r} "
-        f"(standard error of the mean; {seconds:.0f} s, {info.nfe} score evaluations)"
+        f"(standard error of the mean; {seconds:.0f} s{where}, {info.nfe} score evaluations)"
     )
+    if args.out is not None:
+        import io
+
+        import numpy as np
+
+        from fastscore.data.images import atomic_write_bytes
+
+        buffer = io.BytesIO()
+        np.savez(buffer, bits_per_dim=bpd.cpu().numpy(), log_likelihood=logp.cpu().numpy())
+        try:
+            atomic_write_bytes(args.out, buffer.getvalue())
+        except OSError as exc:
+            raise _write_failed(exc, args.out) from None
+        print(f"wrote {args.out}")
     return 0
 
 
 # ---- fastscore demo -----------------------------------------------------------------------------------------
 
-DEMO_CHECKPOINT = "demo_digits.pth"
-# The demo samples the shipped checkpoint with the sampling settings of its config (the bundled demo_digits.yml,
-# which the checkpoint carries: 10 Langevin steps per level at step_lr 5e-5); --quick takes 3 steps per level.
-DEMO_QUICK_STEPS_EACH = 3
-
-
-def shipped_checkpoint() -> str:
-    """The path of the small NCSNv2 digits checkpoint shipped in the package (fastscore/checkpoints/)."""
-    from importlib import resources
-
-    return str(resources.files("fastscore") / "checkpoints" / DEMO_CHECKPOINT)
-
-
-def _median_times(fns: dict, rounds: int) -> dict:
-    """Median seconds per call of each function, timed interleaved (A B A B ...) after one warm-up call each,
-    so that the machine's drift hits every provider alike."""
-    import statistics
-    import time
-
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def _demo_digits(out_dir: str, quick: bool) -> str:
-    import torch
-
-    from fastscore.data.images import save_image_grid
-    from fastscore.train import model_from_checkpoint
-    from fastscore.train import sample
-
-    path = shipped_checkpoint()
-    if not os.path.isfile(path):
-        raise CommandError(f"the shipped checkpoint {path!r} is missing: reinstall fastscore")
-    model, config, meta = model_from_checkpoint(path)
-    model = model.to(memory_format=torch.channels_last)
-    n, steps_each = (16, DEMO_QUICK_STEPS_EACH) if quick else (64, config.sampling.n_steps_each)
-    images, seconds = _timed(lambda: sample(model, config, n, seed=0, n_steps_each=steps_each, progress=not quick))
-    target = os.path.join(out_dir, "demo_digits.png")
-    save_image_grid(target, images, nrow=8)  # enlarged to at least 512 pixels: 4x for 8 columns of 16x16
-    levels = config.model.num_classes
-    print(f"(1) digits: {n} samples of NCSNv2 ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-          f"trained {meta.get('step', '?')} steps on scikit-learn's digits), annealed Langevin {levels} levels x "
-          f"{steps_each} steps, in {seconds:.1f} s -> {target}")  # fmt: skip
-    return target
-
-
-def _demo_toy(out_dir: str, quick: bool) -> str:
-    import math
-
-    import torch
-
-    from fastscore.data.images import scatter_panels
-    from fastscore.data.toy import ncsn_toy_mixture
-    from fastscore.sampling import annealed_langevin
-    from fastscore.sampling import langevin
-
-    mix = ncsn_toy_mixture()
-    n = 1280
-    start = torch.rand(n, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 16 - 8
-    # ncsn's toy: plain Langevin on the exact data score, lr 0.1 -> step lr/2, 1000 steps; annealed: 10 levels
-    # from 20 down to 1, 100 steps each at lr 0.1 (sigma / sigma_L)^2. The score at level sigma is that of the
-    # mixture whose components have std sigma (ncsn's GMMDistAnneal), i.e. the data convolved with
-    # N(0, sigma^2 - 1).
-    plain = langevin(lambda x: mix.score(x), start, step_size=0.05, n_steps=1000, seed=1)
-    sigmas = torch.exp(torch.linspace(math.log(20.0), 0.0, 10, dtype=torch.float64))
-    extra = (sigmas**2 - 1).clamp_min(0).sqrt()
-    annealed = annealed_langevin(
-        lambda x, labels: mix.score(x, extra[labels]), start, sigmas, n_steps_each=100, step_lr=0.05, denoise=False,
-        seed=2,
-    )  # fmt: skip
-    truth = mix.sample(n, seed=3)
-
-    def weights(x):
-        near = float(((x - torch.tensor([5.0, 5.0], dtype=x.dtype)).norm(dim=1) < (x + 5).norm(dim=1)).double().mean())
-        return near, 1 - near
-
-    target = os.path.join(out_dir, "ncsn_toy.png")
-    titles = [f"data: {weights(truth)[0]:.2f} / {weights(truth)[1]:.2f}",
-              f"Langevin: {weights(plain)[0]:.2f} / {weights(plain)[1]:.2f}",
-              f"annealed Langevin: {weights(annealed)[0]:.2f} / {weights(annealed)[1]:.2f}"]  # fmt: skip
-    scatter_panels(target, [truth, plain, annealed], titles=titles,
-                   colors=[(90, 90, 90), (214, 39, 40), (31, 119, 180)])  # fmt: skip
-    w_plain, w_ann = weights(plain), weights(annealed)
-    print("(2) NCSN toy: 0.8 N((5,5), I) + 0.2 N((-5,-5), I), exact scores, 1280 chains from U[-8, 8]^2")
-    print(f"    recovered weights: Langevin {w_plain[0]:.3f} / {w_plain[1]:.3f}, annealed Langevin "
-          f"{w_ann[0]:.3f} / {w_ann[1]:.3f} (true 0.8 / 0.2) -> {target}")  # fmt: skip
-    return target
-
-
-def _demo_speed(quick: bool) -> None:
-    import torch
-
-    from fastscore.models import get_config
-    from fastscore.models import get_model
-    from fastscore.ops import langevin_step_
-
-    rounds = 3 if quick else 7
-    # (a) one Langevin step on a CIFAR-10-sized batch: ncsnv2's eager update vs the fused in-place kernel.
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(64, 3, 32, 32, generator=gen)
-    g = torch.randn(64, 3, 32, 32, generator=gen)
-    step = 1.5e-3
-
-    def eager():
-        noise = torch.randn_like(x)
-        return x + step * g + noise * (2 * step) ** 0.5
-
-    def fused():
-        return langevin_step_(x, g, step, seed=0, counter=0)
-
-    t = _median_times({"eager": eager, "fused": fused}, rounds)
-    print(f"(3) speed, median of {rounds} interleaved rounds, {torch.get_num_threads()} threads:")
-    print(f"    one Langevin step (64x3x32x32): ncsnv2 eager {t['eager'] * 1e3:.2f} ms, fastscore "
-          f"{t['fused'] * 1e3:.2f} ms: fastscore is {speed_words(t['fused'], t['eager'])}")  # fmt: skip
-    # (b) one forward of the demo's NCSNv2 at its sampling batch: reference layers vs fused ones.
-    config = get_config("demo_digits")
-    torch.manual_seed(0)
-    reference = get_model(config, layers="reference").eval()
-    fast = get_model(config).eval()
-    fast.load_state_dict(reference.state_dict())
-    fast = fast.to(memory_format=torch.channels_last)
-    batch = 16 if quick else 64
-    xs = torch.rand(batch, 1, 16, 16, generator=gen)
-    xs_cl = xs.contiguous(memory_format=torch.channels_last)
-    labels = torch.zeros(batch, dtype=torch.long)
-    with torch.no_grad():
-        t = _median_times({"eager": lambda: reference(xs, labels), "fused": lambda: fast(xs_cl, labels)}, rounds)
-    print(f"    one NCSNv2 forward (ngf 32, {batch}x1x16x16): ncsnv2 layers {t['eager'] * 1e3:.1f} ms, fastscore "
-          f"{t['fused'] * 1e3:.1f} ms: fastscore is {speed_words(t['fused'], t['eager'])}")  # fmt: skip
-
 
 def _demo(args) -> int:
     import time
 
+    from fastscore import demo
+
     start = time.perf_counter()
     out_dir = args.out
-    targets = [os.path.join(out_dir, name) for name in ("demo_digits.png", "ncsn_toy.png")]
     _check_output_folder(out_dir)
-    for target in targets:
+    for target in (os.path.join(out_dir, name) for name in demo.OUTPUTS):
         if os.path.isdir(target):
             raise CommandError(f"output {target!r} is a folder; move it away or choose another --out")
         _refuse_overwrite(target, args.force, what="output")
     _set_threads(args.threads)
-    try:
+    with _as_command_errors(out_dir):
         os.makedirs(out_dir, exist_ok=True)
-        _demo_digits(out_dir, args.quick)
-        _demo_toy(out_dir, args.quick)
-        _demo_speed(args.quick)
-    except _user_errors() as exc:
-        raise CommandError(str(exc)) from None
-    except OSError as exc:
-        raise _write_failed(exc, out_dir) from None
+        demo.run(out_dir, args.quick)
     print(f"demo done in {time.perf_counter() - start:.0f} s; images in {out_dir}/")
     return 0
 
@@ -1096,7 +1011,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--data",
-        help=f"digits, {', '.join(TOY_DATA)}, a folder of images or an .npz (--resume: default the run's own)",
+        help=f"{DATA_HELP} (--resume: default the run's own)",
     )
     p.add_argument("--steps", type=_positive_int, help="train until this step (default config.training.n_iters)")
     p.add_argument("--batch-size", type=_positive_int, help="default config.training.batch_size")
@@ -1128,7 +1043,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a checkpoint file")
     p.add_argument("--config", help="the model's config, for checkpoints that carry none (the original repos')")
     p.add_argument("--sampler", choices=SAMPLERS, default="ald", help="ald (default), pc or ode")
-    p.add_argument("--n", type=_positive_int, default=64, help="number of samples (default 64)")
+    # -n: under torchrun, whose parser reads --n as an abbreviation of its own --nnodes / --nproc-per-node
+    p.add_argument("-n", "--n", type=_positive_int, default=64, help="number of samples (default 64)")
     p.add_argument("--out", required=True, help="grid.png or samples.npz")
     p.add_argument("--mask", help=f"inpaint: the known part, {', '.join(MASKS)} or a .npy of 0/1")
     p.add_argument("--data", help="images to inpaint (default: the checkpoint's training data)")
@@ -1139,6 +1055,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         help="pc: time steps (default max(3 x noise levels, 100); below 3 per level warns)",
     )
+    # default fastscore.model_sampling.PC_SNR, spelled out as SAMPLERS is
     p.add_argument("--snr", type=_positive_float, default=0.16, help="pc: corrector signal-to-noise ratio")
     p.add_argument("--reference", action="store_true", help="also run on reference layers and print the ratio")
     p.add_argument(
@@ -1163,11 +1080,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--checkpoint", required=True, help="a checkpoint file")
     p.add_argument("--config", help="the model's config, for checkpoints that carry none")
-    p.add_argument("--data", required=True, help=f"digits, {', '.join(TOY_DATA)}, a folder of images or an .npz")
-    p.add_argument("--n", type=_positive_int, default=16, help="number of examples (default 16)")
+    p.add_argument("--data", required=True, help=DATA_HELP)
+    p.add_argument("-n", "--n", type=_positive_int, default=16, help="number of examples (default 16)")
     p.add_argument("--probes", type=_positive_int, default=1, help="Hutchinson probes per evaluation")
     p.add_argument("--tol", type=_positive_float, default=1e-3, help="ODE rtol = atol (default 1e-3)")
     p.add_argument("--no-ema", action="store_true", help="the raw training weights instead of the EMA ones")
+    p.add_argument("--out", help="also write each example's bits/dim and log-likelihood to this .npz")
+    p.add_argument("--force", action="store_true", help="overwrite --out")
     _run_options(p, seed="seed of the examples picked, their dequantisation and the probes (default 0)")
     p.set_defaults(func=_likelihood)
 
@@ -1197,9 +1116,51 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as exc:
         print(f"fastscore {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    world = None
+    if _launched():
+        if args.command not in DISTRIBUTED_COMMANDS:
+            print(
+                f"fastscore {args.command}: error: runs in one process; torchrun starts several for "
+                f"{', '.join(DISTRIBUTED_COMMANDS)} only",
+                file=sys.stderr,
+            )
+            return 1
+        from fastscore import distributed
+
+        try:
+            world = distributed.init()
+        except distributed.DistributedError as exc:
+            print(f"fastscore {args.command}: error: {exc}", file=sys.stderr)
+            return 1
     try:
-        return args.func(args)
+        return _run(args, world)
+    finally:
+        if world is not None:
+            from fastscore import distributed
+
+            with contextlib.suppress(Exception):
+                distributed.shutdown()
+
+
+def _run(args, world) -> int:
+    """args.func(args) with the command line's error contract. With several processes (``world``) the ranks
+    other than 0 print nothing while they work (rank 0 reports), and an error says which rank it comes from."""
+    quiet = contextlib.ExitStack()
+    if world is not None and not world.main:
+        sink = quiet.enter_context(open(os.devnull, "w"))
+        quiet.enter_context(contextlib.redirect_stdout(sink))
+        quiet.enter_context(contextlib.redirect_stderr(sink))
+        args.no_progress = True
+    try:
+        with quiet:
+            return args.func(args)
     except CommandError as exc:
+        if world is not None and exc.shared and not world.main:
+            return 1  # every rank stopped on the same refusal, which rank 0 prints
+        where = f"{world}: " if world is not None and not exc.shared else ""
+        print(f"fastscore {args.command}: error: {where}{exc}", file=sys.stderr)
+        return 1
+    except _distributed_errors() as exc:  # already says which rank saw what
         print(f"fastscore {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

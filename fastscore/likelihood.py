@@ -26,21 +26,16 @@ small D only).
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from fastscore.ode import NonFiniteError
-from fastscore.ode import _check_sde
-from fastscore.ode import _nonfinite_rows
-from fastscore.ode import _number
-from fastscore.ode import _pf_drift
-from fastscore.ode import _Progress
-from fastscore.ode import _some
-from fastscore.ode import _Watch
-from fastscore.ode import solve_ivp
+from fastscore import _validate
+from fastscore import sde as sde_lib
+from fastscore.ode import NonFiniteWatch
+from fastscore.ode import integrate_probability_flow
+from fastscore.ode import probability_flow_drift
 from fastscore.ops.hutchinson import exact_divergence
 from fastscore.ops.hutchinson import make_probes
 from fastscore.ops.hutchinson import probe_products
@@ -88,6 +83,7 @@ def log_likelihood(
     state_dtype: torch.dtype = torch.float64,
     progress: bool = False,
     return_info: bool = False,
+    sample_offset: int = 0,
 ):
     r"""Log-likelihood in nats of each sample of ``x`` (N, ...) under the probability-flow ODE of ``sde``
     driven by ``score_fn(x, t)`` (see the module docstring); returns a float64 tensor (N,).
@@ -108,48 +104,36 @@ def log_likelihood(
 
     With ``return_info=True`` returns ``(logp, LikelihoodInfo)``: nfe and the probes' standard error.
     Convert to bits per dimension with :func:`bits_per_dim`.
+
+    ``sample_offset``: the global index of ``x``'s first sample, which keys its probes (a shard of a larger
+    batch gets the probes, hence the results, those samples get in the whole batch; see
+    :mod:`fastscore.distributed`).
     """
-    if not callable(score_fn):
-        raise TypeError(f"score_fn: expected a callable score_fn(x, t), got {type(score_fn).__name__}")
-    _check_sde(sde)
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x: expected a torch.Tensor of shape (N, ...), got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"x: expected a floating tensor, got {x.dtype}")
-    if x.dim() < 2 or x.shape[0] < 1:
-        raise ValueError(f"x: expected a batch (N, ...) with N >= 1 and at least 2 dims, got {tuple(x.shape)}")
-    bad = _nonfinite_rows(x)
-    if bool(bad.any()):
-        raise ValueError(
-            f"x: expected finite values, got NaN or Inf in sample(s) {_some(bad.nonzero()[:, 0].tolist())}"
-        )
-    if probe not in PROBES:
-        raise ValueError(f"probe: expected one of {', '.join(map(repr, PROBES))}, got {probe!r}")
-    if isinstance(n_probes, bool) or not isinstance(n_probes, numbers.Integral) or n_probes < 1:
-        raise ValueError(f"n_probes: expected an integer >= 1, got {n_probes!r}")
-    eps = _number(eps, "eps", low=0.0, strict=True)
-    if eps >= sde.T:
-        raise ValueError(f"eps: expected a time below sde.T = {sde.T}, got {eps}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
-        raise TypeError(f"seed: expected an integer, got {type(seed).__name__}")
+    _validate.function(score_fn, "score_fn")
+    sde = sde_lib.check_sde(sde)
+    _validate.batch(x, "x", min_dim=2, non_empty=True)
+    _validate.finite(x, "x")
+    probe = _validate.choice(probe, "probe", PROBES)
+    n_probes = _validate.integer(n_probes, "n_probes", low=1)
+    eps = sde_lib.sampling_eps(sde, eps)
+    _validate.seed(seed)
+    sample_offset = _validate.integer(sample_offset, "sample_offset", 0)
     for name, v in (("per_sample", per_sample), ("progress", progress), ("return_info", return_info)):
-        if not isinstance(v, bool):
-            raise TypeError(f"{name}: expected a bool, got {type(v).__name__}")
-    if not isinstance(state_dtype, torch.dtype) or not state_dtype.is_floating_point:
-        raise TypeError(f"state_dtype: expected a floating torch.dtype, got {state_dtype!r}")
+        _validate.flag(v, name)
+    _validate.float_dtype(state_dtype, "state_dtype")
 
     N, shape, dtype = x.shape[0], tuple(x.shape[1:]), x.dtype
     D = math.prod(shape)
     exact = probe == "exact"
     P = 1 if exact else int(n_probes)
     # (P, N, ...) probes for the whole batch, drawn once; each evaluation gathers the active samples' rows.
-    probes = None if exact else make_probes(x.detach(), P, probe, seed=seed)
-    watch = _Watch(N, x.device)
+    probes = None if exact else make_probes(x.detach(), P, probe, seed=seed, sample_offset=sample_offset)
+    watch = NonFiniteWatch(N, x.device)
 
     def rhs(t: Tensor, y: Tensor, index: Tensor) -> Tensor:
         B = y.shape[0]
         xs = y[:, :D].reshape((B,) + shape).to(dtype)
-        drift = _pf_drift(sde, watch.score_fn(score_fn, index), t.to(dtype), xs)
+        drift = probability_flow_drift(sde, watch.score_fn(score_fn, index), t.to(dtype), xs)
 
         if exact:
             fx, div = exact_divergence(drift, xs)
@@ -161,24 +145,18 @@ def log_likelihood(
         return torch.cat([fx.detach().reshape(B, D).to(y.dtype), div.detach().to(y.dtype)], dim=1)
 
     start = torch.cat([x.detach().reshape(N, D).to(state_dtype), x.new_zeros((N, P), dtype=state_dtype)], dim=1)
-    bar = _Progress(progress, eps, sde.T, "log_likelihood")
-    try:
-        with torch.no_grad():
-            res = solve_ivp(
-                rhs,
-                (eps, sde.T),
-                start,
-                rtol=rtol,
-                atol=atol,
-                method=method,
-                per_sample=per_sample,
-                indexed=True,
-                callback=bar if progress else None,
-            )
-    except NonFiniteError as err:
-        raise watch.explain(err, "log_likelihood") from None
-    finally:
-        bar.close()
+    res = integrate_probability_flow(
+        rhs,
+        (eps, sde.T),
+        start,
+        watch,
+        "log_likelihood",
+        rtol=rtol,
+        atol=atol,
+        method=method,
+        per_sample=per_sample,
+        progress=progress,
+    )
     z = res.y[:, :D].reshape(x.shape)
     delta = res.y[:, D:]  # (N, P)
     prior = sde.prior_logp(z).to(torch.float64)
@@ -213,12 +191,11 @@ def dequantization_offset(low: float = 0.0, high: float = 1.0, n_bits: int = 8) 
     the probability :math:`p \cdot` width, so the discrete log-likelihood in bits per dimension is
     ``-log2 p / D + offset``. score_sde's ``offset = 7 - inverse_scaler(-1)``: 8 for data in [0, 1]
     (``centered=False``), 7 for data in [-1, 1] (``centered=True``)."""
-    low = _number(low, "low")
-    high = _number(high, "high")
+    low = _validate.number(low, "low")
+    high = _validate.number(high, "high")
     if high <= low:
         raise ValueError(f"high: expected a value above low={low}, got {high}")
-    if isinstance(n_bits, bool) or not isinstance(n_bits, numbers.Integral) or n_bits < 1:
-        raise ValueError(f"n_bits: expected a positive integer, got {n_bits!r}")
+    n_bits = _validate.integer(n_bits, "n_bits", low=1)
     return n_bits - math.log2(high - low)
 
 
@@ -247,5 +224,5 @@ def bits_per_dim(logp: Tensor, x, offset: float) -> Tensor:
             raise TypeError(f"x: expected the data batch or its per-sample shape, got {type(x).__name__}") from None
     if D < 1:
         raise ValueError("x: expected at least one dimension per sample")
-    offset = _number(offset, "offset")
+    offset = _validate.number(offset, "offset")
     return -logp / (D * math.log(2.0)) + offset

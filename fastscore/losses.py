@@ -16,15 +16,13 @@ backward is differentiable), and :func:`fastscore.ops.hutchinson_divergence` doe
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch import Tensor
 
-from fastscore.ops.hutchinson import _check_fn
-from fastscore.ops.hutchinson import _check_out
+from fastscore import _validate
 from fastscore.ops.hutchinson import exact_divergence
 from fastscore.ops.hutchinson import probe_products
+from fastscore.sde import check_sde
 
 __all__ = ["anneal_dsm", "sliced_score_matching", "anneal_sliced_score_matching", "exact_score_matching", "sde_dsm"]
 
@@ -36,20 +34,11 @@ _TARGETS = ("ncsnv2", "ncsn")
 
 
 def _check_x(x) -> Tensor:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
-    if x.dim() < 2 or x.shape[0] < 1:
-        raise ValueError(
-            f"x: expected a (N, ...) batch with N >= 1 and 2 or more dimensions, got shape {tuple(x.shape)}"
-        )
-    return x
+    return _validate.batch(x, "x", min_dim=2, non_empty=True)
 
 
 def _check_reduction(reduction) -> None:
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction: expected 'mean' or 'none', got {reduction!r}")
+    _validate.choice(reduction, "reduction", _REDUCTIONS)
 
 
 def _check_generator(generator, x: Tensor) -> None:
@@ -58,9 +47,7 @@ def _check_generator(generator, x: Tensor) -> None:
 
 
 def _check_particles(n_particles) -> int:
-    if isinstance(n_particles, bool) or not isinstance(n_particles, numbers.Integral) or n_particles < 1:
-        raise ValueError(f"n_particles: expected a positive integer, got {n_particles!r}")
-    return int(n_particles)
+    return _validate.integer(n_particles, "n_particles", low=1)
 
 
 def _check_sigmas(sigmas, x: Tensor) -> Tensor:
@@ -69,7 +56,8 @@ def _check_sigmas(sigmas, x: Tensor) -> Tensor:
             sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
         except (TypeError, ValueError, RuntimeError):
             raise TypeError(f"sigmas: expected a 1-D tensor of noise levels, got {type(sigmas).__name__}") from None
-    if sigmas.dim() != 1 or sigmas.numel() < 1 or not sigmas.is_floating_point():
+    _validate.floating(sigmas, "sigmas")
+    if sigmas.dim() != 1 or sigmas.numel() < 1:
         raise ValueError(
             f"sigmas: expected a non-empty 1-D float tensor of noise levels, got {sigmas.dtype} of shape "
             f"{tuple(sigmas.shape)}"
@@ -81,9 +69,11 @@ def _labels(labels, sigmas: Tensor, x: Tensor, generator) -> Tensor:
     N, L = x.shape[0], sigmas.shape[0]
     if labels is None:
         return torch.randint(0, L, (N,), device=x.device, generator=generator)
-    if not isinstance(labels, Tensor) or labels.dtype not in (torch.int64, torch.int32) or labels.shape != (N,):
-        got = f"{labels.dtype} tensor of shape {tuple(labels.shape)}" if isinstance(labels, Tensor) else type(labels)
-        raise ValueError(f"labels: expected an int64 tensor of noise-level indices of shape ({N},), got {got}")
+    _validate.tensor(labels, "labels")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"labels: expected an int64 tensor of noise-level indices, got {labels.dtype}")
+    if labels.shape != (N,):
+        raise ValueError(f"labels: expected shape ({N},) (one noise-level index per sample), got {tuple(labels.shape)}")
     if labels.device != x.device:
         raise ValueError(f"labels: expected a tensor on x's device {x.device}, got {labels.device}")
     if torch.compiler.is_compiling():  # reading values would break the graph; indexing sigmas still raises
@@ -148,23 +138,20 @@ def anneal_dsm(
     ``hook(per_sample_loss, labels)`` is called as ncsnv2's ``hook``. Returns the batch mean, or the
     per-sample losses (N,) with ``reduction="none"``.
     """
-    _check_fn(score_fn, "score_fn")
+    _validate.function(score_fn, "score_fn")
     _check_x(x)
     _check_reduction(reduction)
     _check_generator(generator, x)
-    if target not in _TARGETS:
-        raise ValueError(f"target: expected 'ncsnv2' or 'ncsn', got {target!r}")
-    if isinstance(anneal_power, bool) or not isinstance(anneal_power, numbers.Real):
-        raise TypeError(f"anneal_power: expected a number, got {type(anneal_power).__name__}")
+    _validate.choice(target, "target", _TARGETS)
+    _validate.number(anneal_power, "anneal_power")
     if hook is not None and not callable(hook):
         raise TypeError(f"hook: expected a callable (loss, labels) or None, got {type(hook).__name__}")
     sigmas = _check_sigmas(sigmas, x)
     labels = _labels(labels, sigmas, x, generator)
     if noise is None:
         noise = _randn(x, generator)
-    elif not isinstance(noise, Tensor) or noise.shape != x.shape:
-        got = tuple(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__
-        raise ValueError(f"noise: expected a tensor of x's shape {tuple(x.shape)}, got {got}")
+    elif _validate.tensor(noise, "noise").shape != x.shape:
+        raise ValueError(f"noise: expected a tensor of x's shape {tuple(x.shape)}, got {tuple(noise.shape)}")
 
     used_sigmas = _per_sample(sigmas[labels], x)
     noise = noise * used_sigmas
@@ -174,7 +161,7 @@ def anneal_dsm(
     else:
         tgt = -1 / (used_sigmas**2) * (perturbed - x)
     scores = score_fn(perturbed, labels)
-    _check_out(scores, x, "score_fn")
+    _validate.check_score(scores, x, "score_fn", exact=False)
     # reshape where the originals write view: a channels_last score cannot be viewed flat.
     tgt = tgt.reshape(tgt.shape[0], -1)
     scores = scores.reshape(scores.shape[0], -1)
@@ -208,14 +195,13 @@ def sde_dsm(
     half the sum (the 1/2 appears only then, as in score_sde). ``sde`` needs ``marginal_prob(x, t)``,
     ``sde(x, t)`` and ``T`` (fastscore.sde's VESDE, VPSDE, subVPSDE, or score_sde's own).
     """
-    _check_fn(score_fn, "score_fn")
+    _validate.function(score_fn, "score_fn")
     _check_x(x)
     _check_reduction(reduction)
     _check_generator(generator, x)
-    for attr in ("marginal_prob", "sde", "T"):
-        if not hasattr(sde, attr):
-            raise TypeError(f"sde: expected an SDE object with marginal_prob, sde and T; it has no {attr!r}")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 <= eps < float(sde.T):
+    check_sde(sde, needs=("marginal_prob", "sde", "T"))
+    eps = _validate.number(eps, "eps", low=0.0)
+    if eps >= float(sde.T):
         raise ValueError(f"eps: expected a number in [0, sde.T) = [0, {sde.T}), got {eps!r}")
     N = x.shape[0]
     t = torch.rand(N, device=x.device, generator=generator) * (sde.T - eps) + eps
@@ -226,7 +212,7 @@ def sde_dsm(
     std_b = _per_sample(_per_sample_values(std, N, x), x)
     perturbed = mean + std_b * z
     score = score_fn(perturbed, t)
-    _check_out(score, x, "score_fn")
+    _validate.check_score(score, x, "score_fn", exact=False)
     if not likelihood_weighting:
         losses = torch.square(score * std_b + z)
     else:
@@ -290,7 +276,7 @@ def sliced_score_matching(
     (N, D) inputs the two agree.
     ``return_terms=True`` returns ``(loss, loss1, loss2)`` as ncsn does.
     """
-    _check_fn(score_fn, "score_fn")
+    _validate.function(score_fn, "score_fn")
     _check_x(x)
     _check_reduction(reduction)
     _check_generator(generator, x)
@@ -320,7 +306,7 @@ def anneal_sliced_score_matching(
     its code, and this, draw Gaussian). Per sample, :math:`\ell = \sigma_y^2 \cdot \frac1P\sum_p
     (\tfrac12\|s(\tilde x, y)\|^2 + v_p^\top \nabla_x s\, v_p)` (the perturbation is not a target).
     """
-    _check_fn(score_fn, "score_fn")
+    _validate.function(score_fn, "score_fn")
     _check_x(x)
     _check_reduction(reduction)
     _check_generator(generator, x)
@@ -342,7 +328,7 @@ def exact_score_matching(score_fn, x: Tensor, *, reduction: str = "mean") -> Ten
     The trace takes D backward passes (D = number of elements per sample), each differentiable; meant for
     small D (toy data) and as the ground truth for the sliced estimators.
     """
-    _check_fn(score_fn, "score_fn")
+    _validate.function(score_fn, "score_fn")
     _check_x(x)
     _check_reduction(reduction)
     s, div = exact_divergence(score_fn, x, create_graph=True, _fn_name="score_fn")

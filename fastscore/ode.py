@@ -37,16 +37,18 @@ minimum step, so the loop would never end. ``y0`` must be finite (a ValueError o
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from fastscore import _validate
+from fastscore import noise as noise_lib
+from fastscore import sde as sde_lib
 from fastscore._progress import Progress
-from fastscore._score import check_score
-from fastscore._score import checked_score_fn
+from fastscore._validate import check_score
+from fastscore._validate import checked_score_fn
 
 __all__ = ["solve_ivp", "ODEResult", "NonFiniteError", "ode_sampler", "ODESamplerInfo", "METHODS"]
 
@@ -101,15 +103,6 @@ class NonFiniteError(RuntimeError):
         self.samples, self.t = samples, t
 
 
-def _some(values: list, limit: int = 10) -> str:
-    return f"{values[:limit]}{' ...' if len(values) > limit else ''}"
-
-
-def _nonfinite_rows(v: Tensor) -> Tensor:
-    """(B,) bool: the rows (samples) of v (B, ...) holding a NaN or Inf."""
-    return ~torch.isfinite(v.detach().reshape(v.shape[0], -1)).all(dim=1)
-
-
 @dataclass
 class ODEResult:
     """What :func:`solve_ivp` returns.
@@ -128,6 +121,15 @@ class ODEResult:
     n_rejected: Tensor
 
 
+def _power(base: Tensor, exponent: float) -> Tensor:
+    """``base ** exponent`` per element (base >= 0; 0 gives 0 or inf, NaN stays NaN) as ``exp(exponent *
+    log(base))``: on the CPU, ATen's ``pow`` gives the elements past a tensor's last full vector to a scalar
+    routine that rounds differently, so a sample's step size would depend on its position in the batch (and a
+    shard of a run would not reproduce the run: docs/distributed.md#what-is-bitwise); ``exp`` and ``log`` are
+    computed alike at every position. Within a few float64 ulps of ``pow``: step-size factors."""
+    return torch.exp(torch.log(base) * exponent)
+
+
 def _rms(v: Tensor) -> Tensor:
     """scipy's norm (RMS over all elements) per row of a (B, M) tensor."""
     return v.square().mean(dim=1).sqrt()
@@ -139,40 +141,22 @@ def _combine(weights: Tensor, K: Tensor, n: int) -> Tensor:
     return (weights[:n] @ K[:n].reshape(n, B * M)).reshape(B, M)
 
 
-def _number(v, name: str, *, low: float | None = None, strict: bool = False, allow_inf: bool = False) -> float:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{name}: expected a number, got {type(v).__name__}")
-    v = float(v)
-    if math.isnan(v) or (math.isinf(v) and not allow_inf):
-        raise ValueError(f"{name}: expected a finite number, got {v}")
-    if low is not None and (v <= low if strict else v < low):
-        raise ValueError(f"{name}: expected a number {'>' if strict else '>='} {low}, got {v}")
-    return v
-
-
 def _check_solver_args(fn, t_span, y0, rtol, atol, method, first_step, max_step):
-    if not callable(fn):
-        raise TypeError(f"fn: expected a callable fn(t, y), got {type(fn).__name__}")
+    _validate.function(fn, "fn")
     try:
         t0, t1 = t_span
     except (TypeError, ValueError):
         raise TypeError(f"t_span: expected a pair (t0, t1) of numbers, got {t_span!r}") from None
-    t0, t1 = _number(t0, "t_span[0]"), _number(t1, "t_span[1]")
-    if not isinstance(y0, Tensor):
-        raise TypeError(f"y0: expected a torch.Tensor of shape (N, ...), got {type(y0).__name__}")
-    if not y0.is_floating_point():
-        raise TypeError(f"y0: expected a floating tensor, got {y0.dtype}")
-    if y0.dim() < 1:
-        raise ValueError("y0: expected a tensor of shape (N, ...), got a 0-d tensor")
-    rtol = _number(rtol, "rtol", low=0.0, strict=True)
-    atol = _number(atol, "atol", low=0.0)
-    if method not in METHODS:
-        raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
+    t0, t1 = _validate.number(t0, "t_span[0]"), _validate.number(t1, "t_span[1]")
+    _validate.batch(y0, "y0")
+    rtol = _validate.number(rtol, "rtol", low=0.0, strict=True)
+    atol = _validate.number(atol, "atol", low=0.0)
+    _validate.choice(method, "method", tuple(METHODS))
     if first_step is not None:
-        first_step = _number(first_step, "first_step", low=0.0, strict=True)
+        first_step = _validate.number(first_step, "first_step", low=0.0, strict=True)
         if first_step > abs(t1 - t0):
             raise ValueError(f"first_step: expected at most |t1 - t0| = {abs(t1 - t0)}, got {first_step}")
-    max_step = _number(max_step, "max_step", low=0.0, strict=True, allow_inf=True)
+    max_step = _validate.number(max_step, "max_step", low=0.0, strict=True, allow_inf=True)
     # scipy raises rtol below 100 machine epsilons of float64 to that value (with a warning); so do we.
     rtol = max(rtol, 100 * torch.finfo(torch.float64).eps)
     return t0, t1, rtol, atol, first_step, max_step
@@ -220,11 +204,7 @@ def solve_ivp(
         zeros = torch.zeros(N, dtype=torch.int64, device=device)
         return ODEResult(y0.clone(), 0, zeros, 0, zeros.clone(), zeros.clone())
 
-    bad_y0 = _nonfinite_rows(y0)
-    if bool(bad_y0.any()):
-        raise ValueError(
-            f"y0: expected finite values, got NaN or Inf in sample(s) {_some(bad_y0.nonzero()[:, 0].tolist())}"
-        )
+    _validate.finite(y0, "y0")
 
     counts = {"nfe": 0, "sample_evals": 0}
     # Samples whose fn output held a NaN or Inf, and the time of the first such output: set without a host
@@ -236,7 +216,7 @@ def solve_ivp(
     }
 
     def note(t: Tensor, out: Tensor) -> None:
-        bad = _nonfinite_rows(out)
+        bad = _validate.nonfinite_rows(out)
         watch["t"] = torch.where(bad & ~watch["bad"], t, watch["t"])
         watch["bad"] = watch["bad"] | bad
 
@@ -272,7 +252,9 @@ def solve_ivp(
         where = (index[bad] if per_sample else bad).tolist()
         times = watch["t"][bad].tolist()
         raise NonFiniteError(
-            f"solve_ivp: fn returned NaN or Inf for sample(s) {_some(where)} at t = {_some(times)}", where, times
+            f"solve_ivp: fn returned NaN or Inf for sample(s) {_validate.some(where)} at t = {_validate.some(times)}",
+            where,
+            times,
         )
 
     f64 = torch.float64
@@ -334,10 +316,11 @@ def solve_ivp(
         scale = atol + torch.maximum(y.abs(), y_new.abs()) * rtol
         err = _rms(_combine(Ew, K, S + 1) * h_col / scale).to(f64)
         accept = err < 1
-        grow = torch.where(err == 0, MAX_FACTOR, (SAFETY * err.pow(expo)).clamp(max=MAX_FACTOR))
+        factor = SAFETY * _power(err, expo)
+        grow = torch.where(err == 0, MAX_FACTOR, factor.clamp(max=MAX_FACTOR))
         grow = torch.where(rejected, grow.clamp(max=1.0), grow)
         # A NaN error norm (fn returned NaN) shrinks the step by the smallest factor, as scipy's max() does.
-        shrink = (SAFETY * err.pow(expo)).nan_to_num(MIN_FACTOR).clamp(min=MIN_FACTOR)
+        shrink = factor.nan_to_num(MIN_FACTOR).clamp(min=MIN_FACTOR)
         h_abs = h_abs * torch.where(accept, grow, shrink)
         rejected = ~accept
         y = torch.where(accept[:, None], y_new, y)
@@ -400,7 +383,7 @@ def _initial_step(call, t, y, f, index, interval, direction, order, rtol, atol, 
     f1 = call(t + h0 * direction, y1, index).to(y.dtype)
     d2 = _rms((f1 - f) / scale).to(f64) / h0
     both_tiny = (d1 <= 1e-15) & (d2 <= 1e-15)
-    h1 = torch.where(both_tiny, (h0 * 1e-3).clamp(min=1e-6), (0.01 / torch.maximum(d1, d2)).pow(1.0 / (order + 1)))
+    h1 = torch.where(both_tiny, (h0 * 1e-3).clamp(min=1e-6), _power(0.01 / torch.maximum(d1, d2), 1.0 / (order + 1)))
     return torch.minimum(100 * h0, h1).clamp(max=min(interval, max_step))
 
 
@@ -440,7 +423,7 @@ class _Progress:
             self.bar.close()
 
 
-def _pf_drift(sde, score_fn, t: Tensor, x: Tensor):
+def probability_flow_drift(sde, score_fn, t: Tensor, x: Tensor):
     r"""The probability-flow drift at times t (B,) as a function of x (B, ...): :math:`f_a(t)\,x - \tfrac12
     g(t)^2 s(x, t)`, what ``sde.reverse(score_fn, probability_flow=True).sde(x, t)[0]`` computes, with the
     per-sample coefficients computed once per evaluation (not once per probe, nor through the generic
@@ -455,7 +438,7 @@ def _pf_drift(sde, score_fn, t: Tensor, x: Tensor):
     return lambda h: rsde.sde(h, t)[0]
 
 
-class _Watch:
+class NonFiniteWatch:
     """Where a NaN or Inf first appeared inside a right-hand side (``score_fn``'s output, the divergence
     estimate), per sample of the batch: flags set without a host read, read only once the solver has
     stopped on a non-finite value, to say which it was."""
@@ -464,7 +447,7 @@ class _Watch:
         self.flags = {what: torch.zeros(n, dtype=torch.bool, device=device) for what in ("score", "divergence")}
 
     def note(self, what: str, values: Tensor, index: Tensor) -> None:
-        self.flags[what][index] |= _nonfinite_rows(values)
+        self.flags[what][index] |= _validate.nonfinite_rows(values)
 
     def score_fn(self, score_fn, index: Tensor):
         """score_fn, noting its non-finite outputs for the rows ``index`` of the batch."""
@@ -495,13 +478,33 @@ class _Watch:
                 message = messages[what]
                 break
         where = f" ({who})" if message.startswith("score_fn") else ""
-        return NonFiniteError(f"{message} at t = {_some(times)} for sample(s) {_some(samples)}{where}", samples, times)
+        some = _validate.some
+        return NonFiniteError(f"{message} at t = {some(times)} for sample(s) {some(samples)}{where}", samples, times)
 
 
-def _check_sde(sde) -> None:
-    for attr in ("sde", "marginal_prob", "prior_sampling", "prior_logp", "reverse", "T"):
-        if not hasattr(sde, attr):
-            raise TypeError(f"sde: expected an SDE (fastscore.sde.VESDE, VPSDE, subVPSDE), got {type(sde).__name__}")
+def integrate_probability_flow(
+    rhs, t_span, start: Tensor, watch: NonFiniteWatch, who: str, *, rtol, atol, method, per_sample, progress
+) -> ODEResult:
+    """:func:`solve_ivp` (indexed) of ``rhs`` without autograd, with a progress report named ``who`` and a
+    non-finite value restated by ``watch``: what :func:`ode_sampler` and fastscore.likelihood share."""
+    bar = _Progress(progress, t_span[0], t_span[1], who)
+    try:
+        with torch.no_grad():
+            return solve_ivp(
+                rhs,
+                t_span,
+                start,
+                rtol=rtol,
+                atol=atol,
+                method=method,
+                per_sample=per_sample,
+                indexed=True,
+                callback=bar if progress else None,
+            )
+    except NonFiniteError as err:
+        raise watch.explain(err, who) from None
+    finally:
+        bar.close()
 
 
 def ode_sampler(
@@ -514,7 +517,7 @@ def ode_sampler(
     method: str = "RK45",
     denoise: bool = False,
     seed: int | None = None,
-    eps: float = 1e-3,
+    eps: float | None = None,
     device=None,
     dtype: torch.dtype = torch.float32,
     x_init: Tensor | None = None,
@@ -558,76 +561,52 @@ def ode_sampler(
     generator, which ``noise=torch.default_generator`` reproduces); no ``inverse_scaler`` (scale the output
     yourself); ``nfe`` counts the denoising call.
     """
-    if not callable(score_fn):
-        raise TypeError(f"score_fn: expected a callable score_fn(x, t), got {type(score_fn).__name__}")
-    _check_sde(sde)
-    eps = _number(eps, "eps", low=0.0, strict=True)
-    if eps >= sde.T:
-        raise ValueError(f"eps: expected a time below sde.T = {sde.T}, got {eps}")
+    _validate.function(score_fn, "score_fn")
+    sde = sde_lib.check_sde(sde)
+    eps = sde_lib.sampling_eps(sde, eps)
     for name, v in (("denoise", denoise), ("per_sample", per_sample), ("progress", progress)):
-        if not isinstance(v, bool):
-            raise TypeError(f"{name}: expected a bool, got {type(v).__name__}")
-    for name, v in (("dtype", dtype), ("state_dtype", state_dtype)):
-        if not isinstance(v, torch.dtype) or not v.is_floating_point:
-            raise TypeError(f"{name}: expected a floating torch.dtype, got {v!r}")
-    from fastscore.sampling import _outside_noise
-
-    outside = _outside_noise(noise)
+        _validate.flag(v, name)
+    _validate.float_dtype(dtype, "dtype")
+    _validate.float_dtype(state_dtype, "state_dtype")
+    given = noise_lib.source(noise)
     if x_init is not None:
-        if not isinstance(x_init, Tensor) or not x_init.is_floating_point():
-            raise TypeError(f"x_init: expected a floating tensor of shape (N, ...), got {type(x_init).__name__}")
-        if x_init.dim() < 1 or tuple(x_init.shape) != tuple(shape):
+        _validate.batch(x_init, "x_init")
+        if tuple(x_init.shape) != tuple(shape):
             raise ValueError(f"x_init: expected the batch shape {tuple(shape)}, got {tuple(x_init.shape)}")
-        bad = _nonfinite_rows(x_init)
-        if bool(bad.any()):
-            raise ValueError(
-                f"x_init: expected finite values, got NaN or Inf in sample(s) {_some(bad.nonzero()[:, 0].tolist())}"
-            )
+        _validate.finite(x_init, "x_init")
         start = x_init.detach().to(device=device or x_init.device, dtype=state_dtype)
-    elif outside is not None:
-        start = outside.draw(tuple(shape), dtype, device or "cpu").mul_(sde.prior_std).to(state_dtype)
     else:
-        from fastscore.ops import counter_randn
-        from fastscore.sampling import _PRIOR_COUNTER
-
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
-            raise TypeError(f"seed: expected an integer, got {type(seed).__name__}")
-        z = counter_randn(
-            shape, seed=seed, counter=_PRIOR_COUNTER, sample_offset=sample_offset, dtype=dtype, device=device or "cpu"
+        shape = _validate.shape(shape)
+        start = noise_lib.prior(
+            sde, shape, seed=seed, sample_offset=sample_offset, given=given, dtype=dtype, device=device
         )
-        start = z.mul_(sde.prior_std).to(state_dtype)
-    watch = _Watch(start.shape[0], start.device)
+        start = start.to(state_dtype)
+    watch = NonFiniteWatch(start.shape[0], start.device)
 
     def drift(t: Tensor, y: Tensor, index: Tensor) -> Tensor:
         x = y.to(dtype)
-        return _pf_drift(sde, watch.score_fn(score_fn, index), t.to(dtype), x)(x)
+        return probability_flow_drift(sde, watch.score_fn(score_fn, index), t.to(dtype), x)(x)
 
-    bar = _Progress(progress, sde.T, eps, "ode_sampler")
-    try:
+    res = integrate_probability_flow(
+        drift,
+        (sde.T, eps),
+        start,
+        watch,
+        "ode_sampler",
+        rtol=rtol,
+        atol=atol,
+        method=method,
+        per_sample=per_sample,
+        progress=progress,
+    )
+    out = res.y.to(dtype)
+    nfe = res.nfe
+    if denoise:
         with torch.no_grad():
-            try:
-                res = solve_ivp(
-                    drift,
-                    (sde.T, eps),
-                    start,
-                    rtol=rtol,
-                    atol=atol,
-                    method=method,
-                    per_sample=per_sample,
-                    indexed=True,
-                    callback=bar if progress else None,
-                )
-            except NonFiniteError as err:
-                raise watch.explain(err, "ode_sampler") from None
-            out = res.y.to(dtype)
-            nfe = res.nfe
-            if denoise:
-                t_eps = torch.full((out.shape[0],), eps, dtype=dtype, device=out.device)
-                f, _ = sde.reverse(checked_score_fn(score_fn), probability_flow=False).discretize(out, t_eps)
-                out = out - f
-                nfe += 1
-    finally:
-        bar.close()
+            t_eps = torch.full((out.shape[0],), eps, dtype=dtype, device=out.device)
+            f, _ = sde.reverse(checked_score_fn(score_fn), probability_flow=False).discretize(out, t_eps)
+        out = out - f
+        nfe += 1
     if return_info:
         return out, ODESamplerInfo(nfe, res.nfe_per_sample, res.sample_evals, res.n_steps, res.n_rejected)
     return out

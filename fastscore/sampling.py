@@ -15,7 +15,7 @@ allocated, no chain of eager ops runs and nothing waits for the device:
   preallocated buffers, then the update pass.
 
 ``seed=None`` draws a seed from torch's default CPU generator (``torch.manual_seed`` then fixes it).
-``progress=True`` reports progress on stderr with an ETA (a bar on a terminal, tqdm's when installed; whole
+``progress=True`` reports progress on stderr with an ETA (tqdm's bar on a terminal; whole
 lines, no carriage returns, when stderr is a file or a pipe). Each sampler returns
 the final batch, or ``(final, intermediates)`` with ``return_intermediates=True`` (CPU copies of the
 state after every ``intermediate_every``-th step; ncsn's variant records the state before each update).
@@ -66,15 +66,18 @@ Conventions of the original code, and where fastscore differs:
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 from torch import Tensor
 
+from fastscore import _validate
+from fastscore import noise as noise_lib
 from fastscore import sde as sde_lib
 from fastscore._progress import Progress
-from fastscore._score import check_score
-from fastscore.ops import langevin_step as _ls
+from fastscore._validate import check_score
+from fastscore.ode import ode_sampler
+from fastscore.ops.langevin_step import FusedUpdate
+from fastscore.ops.langevin_step import step_limit
 
 __all__ = [
     "langevin",
@@ -90,66 +93,15 @@ PREDICTORS = ("euler_maruyama", "reverse_diffusion", "ancestral", "none")
 CORRECTORS = ("langevin", "ald", "none")
 VARIANTS = ("ncsnv2", "ncsn")
 
-# Counters >= 2^62 are reserved for noise that is not a Langevin update's: the prior of the PC sampler and
-# the perturbed known part of the inpainting sampler, so they never reuse an update's noise.
-_PRIOR_COUNTER = 1 << 62
-_KNOWN_COUNTER = 1 << 62 | 1 << 61
-
-
-def ode_sampler(score_fn, sde, shape, **kwargs):
-    """The probability-flow ODE sampler (adaptive RK45 on the tensors' device): see fastscore.ode.ode_sampler,
-    which this forwards to (imported on first use)."""
-    from fastscore.ode import ode_sampler as solve
-
-    return solve(score_fn, sde, shape, **kwargs)
-
-
 # ---- argument checks (metadata only; each error names the argument) ---------------------------------------
 
 
 def _state(x) -> Tensor:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x: expected a torch.Tensor of shape (N, ...), got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"x: expected a floating tensor, got {x.dtype}")
-    if x.dim() < 2:
-        raise ValueError(f"x: expected a tensor of shape (N, ...) with at least 2 dims, got {tuple(x.shape)}")
-    if x.numel() == 0:
-        raise ValueError(f"x: expected a non-empty batch, got shape {tuple(x.shape)}")
-    return x
+    return _validate.batch(x, "x", min_dim=2, non_empty=True)
 
 
 def _count(v, name: str, *, low: int = 1) -> int:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
-        raise ValueError(f"{name}: expected an integer >= {low}, got {v!r}")
-    return int(v)
-
-
-def _number(v, name: str, *, positive: bool = False) -> float:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
-        raise ValueError(f"{name}: expected a finite number, got {v!r}")
-    v = float(v)
-    if v < 0 or (positive and v == 0):
-        raise ValueError(f"{name}: expected a {'positive' if positive else 'non-negative'} number, got {v}")
-    return v
-
-
-def _flag(v, name: str) -> bool:
-    if not isinstance(v, bool):
-        raise TypeError(f"{name}: expected a bool, got {type(v).__name__}")
-    return v
-
-
-def _choice(v, name: str, options: tuple[str, ...]) -> str:
-    if v not in options:
-        raise ValueError(f"{name}: expected one of {', '.join(options)}, got {v!r}")
-    return v
-
-
-def _callable(fn, name: str = "score_fn"):
-    if not callable(fn):
-        raise TypeError(f"{name}: expected a callable, got {type(fn).__name__}")
-    return fn
+    return _validate.integer(v, name, low)
 
 
 def _sigma_list(sigmas) -> list[float]:
@@ -157,6 +109,7 @@ def _sigma_list(sigmas) -> list[float]:
     increasing (level i's step is ``step_lr (sigma_i / sigma_L)^2``: the annealing runs from the largest
     level down to the smallest, which is the last)."""
     if isinstance(sigmas, Tensor):
+        _validate.floating(sigmas, "sigmas")
         if sigmas.dim() != 1:
             raise ValueError(f"sigmas: expected a 1-D tensor of noise levels, got shape {tuple(sigmas.shape)}")
         values = sigmas.detach().to("cpu", torch.float64).tolist()
@@ -181,73 +134,15 @@ def _sigma_list(sigmas) -> list[float]:
     return values
 
 
-def _seed_and_offset(seed, sample_offset, x_shape, outside=None) -> tuple[int, int]:
-    """(seed, sample_offset) validated as the ops take them; a seed is drawn when None unless the noise comes
-    from outside (then the seed is unused, and drawing it would move torch's default generator)."""
-    N, D = x_shape[0], math.prod(x_shape[1:])
-    seed, _, sample_offset = _ls._key(seed, 0, sample_offset, N, D, outside is None)
-    return seed, sample_offset
-
-
 def _intermediate_every(v) -> int:
     return _count(v, "intermediate_every")
-
-
-class _OutsideNoise:
-    """Standard normals from a source the caller gives (``noise=``) instead of the counter-based generator:
-    a ``torch.Generator``, drawn as ``torch.randn_like(x, generator=...)`` draws, or a callable
-    ``noise(shape, dtype, device) -> Tensor``."""
-
-    def __init__(self, source):
-        if isinstance(source, torch.Generator):
-            self.gen, self.fn = source, None
-        elif callable(source):
-            self.gen, self.fn = None, source
-        else:
-            raise TypeError(
-                "noise: expected None, a torch.Generator or a callable noise(shape, dtype, device) -> Tensor, "
-                f"got {type(source).__name__}"
-            )
-
-    def _call(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-        z = self.fn(shape, dtype, device)
-        if not isinstance(z, Tensor):
-            raise TypeError(f"noise: expected the callable to return a tensor, got {type(z).__name__}")
-        if tuple(z.shape) != shape or z.dtype != dtype or z.device != device:
-            raise ValueError(
-                f"noise: the callable returned shape {tuple(z.shape)}, {z.dtype} on {z.device}; expected shape "
-                f"{shape}, {dtype} on {device}"
-            )
-        return z.detach()
-
-    def fill(self, buf: Tensor) -> Tensor:
-        """Fresh normals of buf's shape, dtype, device and layout: buf refilled (a generator: exactly
-        ``torch.randn_like(buf, generator=...)``), or the callable's tensor (copied into buf when its layout
-        is not buf's)."""
-        if self.gen is not None:
-            if self.gen.device == buf.device:
-                return buf.normal_(generator=self.gen)
-            return buf.copy_(torch.randn_like(buf, device=self.gen.device, generator=self.gen))
-        z = self._call(tuple(buf.shape), buf.dtype, buf.device)
-        return z if z.stride() == buf.stride() else buf.copy_(z)
-
-    def draw(self, shape: tuple[int, ...], dtype: torch.dtype, device) -> Tensor:
-        """A new tensor of normals (contiguous), as ``torch.randn(shape, generator=...)`` draws them."""
-        device = torch.device(device if device is not None else "cpu")
-        if self.gen is not None:
-            return torch.randn(shape, generator=self.gen, dtype=dtype, device=self.gen.device).to(device)
-        return self._call(tuple(shape), dtype, device)
-
-
-def _outside_noise(noise) -> _OutsideNoise | None:
-    return None if noise is None else _OutsideNoise(noise)
 
 
 # ---- the loop's pieces -----------------------------------------------------------------------------------
 
 
 def _progress_bar(total: int, enabled: bool, desc: str) -> Progress:
-    """The samplers' progress report (fastscore._progress: tqdm or a redrawn line on a terminal, whole lines
+    """The samplers' progress report (fastscore._progress: tqdm's bar on a terminal, whole lines
     with an ETA elsewhere)."""
     return Progress(total, desc, enabled=enabled)
 
@@ -255,27 +150,20 @@ def _progress_bar(total: int, enabled: bool, desc: str) -> Progress:
 class _Chain:
     """The state of a chain and what its steps share: the fused update, the score checks, the recording."""
 
-    def __init__(
-        self, x: Tensor, seed: int, sample_offset: int, record: bool, every: int, noise: _OutsideNoise | None = None
-    ):
+    def __init__(self, x: Tensor, seed, sample_offset: int, record: bool, every: int, given=None):
         self.x = x
         self.N = x.shape[0]
-        self.fmt = _ls._layout_of_x(x, "x")
-        self.acc = _ls.acc_dtype(x.dtype)
-        self.seed, self.sample_offset = seed, sample_offset
-        self.counter = 0
-        self.score_buf: Tensor | None = None
         # Outside noise (noise=): the normals of a step are drawn into z (allocated once) and handed to the
         # same fused update; None: the kernels generate them from (seed, counter).
-        self.outside = noise
-        self.z_buf = torch.empty_like(x, memory_format=self.fmt) if noise is not None else None
+        self.update = FusedUpdate(x, seed=seed, sample_offset=sample_offset, noise_given=given is not None)
+        self.fmt, self.acc = self.update.layout, self.update.compute_dtype
+        self.counter = 0
+        self.score_buf: Tensor | None = None
+        self.outside = given
+        self.z_buf = torch.empty_like(x, memory_format=self.fmt) if given is not None else None
         self.z: Tensor | None = None
         self.record, self.every, self.steps_done = record, every, 0
         self.intermediates: list[Tensor] = []
-        # The backend is chosen once per run, not per step: selection reads the environment and the
-        # forced-backend state (~10 us, 7% of a fused step on a (64, 3, 32, 32) batch). Under
-        # torch.compile the steps go through the custom ops instead.
-        self.update_fn = None if torch.compiler.is_compiling() else _ls._impl_for(x).update
 
     def rows(self, table: list[list[float]]) -> list[Tensor]:
         """Per-step coefficient rows (a, b, c) as (N, 3) stride-0 views of one device table."""
@@ -307,10 +195,9 @@ class _Chain:
         z, self.z = self.z, None
         return z
 
-    def update(self, score: Tensor, coef: Tensor, *, mask=None, known=None, x_mean=None, z=None) -> None:
-        update = self.update_fn or _ls._update
+    def step(self, score: Tensor, coef: Tensor, *, mask=None, known=None, x_mean=None, z=None) -> None:
         z = self.noise() if z is None else z
-        update(self.x, score, coef, z, self.seed, self.counter, self.sample_offset, mask, known, x_mean)
+        self.update(score, coef, self.counter, noise=z, mask=mask, known=known, x_mean=x_mean)
         self.counter += 1
 
     def snapshot(self) -> None:
@@ -363,37 +250,36 @@ def langevin(
     ``torch.randn_like(x, generator=noise)``, as ncsn's toy loop does) or a callable ``noise(shape, dtype,
     device) -> Tensor`` (see the module docstring). Returns the final batch.
     """
-    _callable(score_fn)
+    _validate.function(score_fn, "score_fn")
     x = _state(x)
     n_steps = _count(n_steps, "n_steps", low=0)
     N = x.shape[0]
     if isinstance(step_size, Tensor):
-        if step_size.shape not in ((N,), ()) or not step_size.is_floating_point():
-            raise ValueError(
-                f"step_size: expected a float or a float tensor of shape ({N},), got {tuple(step_size.shape)}"
-            )
+        _validate.floating(step_size, "step_size")
+        if step_size.shape not in ((N,), ()):
+            raise ValueError(f"step_size: expected a float or a tensor of shape ({N},), got {tuple(step_size.shape)}")
         steps = step_size.detach().to("cpu", torch.float64).expand(N)
         if not bool((steps >= 0).all()) or not bool(torch.isfinite(steps).all()):
             raise ValueError("step_size: expected non-negative finite values")
         values = steps.tolist()
     else:
-        values = [_number(step_size, "step_size")]
-    limit, why = _ls._step_limit(x)  # the fused update's own bound: a larger step overflows the update
+        values = [_validate.number(step_size, "step_size", low=0.0)]
+    limit, why = step_limit(x)  # the fused update's own bound: a larger step overflows the update
     if not all(v <= limit for v in values):
         raise ValueError(f"step_size: {why}; got {max(values)!r}")
     table = [_langevin_row(v) for v in values]
-    _flag(progress, "progress")
-    _flag(return_intermediates, "return_intermediates")
+    _validate.flag(progress, "progress")
+    _validate.flag(return_intermediates, "return_intermediates")
     every = _intermediate_every(intermediate_every)
-    outside = _outside_noise(noise)
-    seed, sample_offset = _seed_and_offset(seed, sample_offset, x.shape, outside)
+    given = noise_lib.source(noise)
+    seed, sample_offset = noise_lib.chain_key(seed, sample_offset, x.shape, given)
     with torch.no_grad():
-        chain = _Chain(_start(x), seed, sample_offset, return_intermediates, every, outside)
+        chain = _Chain(_start(x), seed, sample_offset, return_intermediates, every, given)
         coef = torch.tensor(table, dtype=chain.acc, device=x.device).expand(N, 3)
         bar = _progress_bar(n_steps, progress, "langevin")
         try:
             for _ in range(n_steps):
-                chain.update(chain.score(score_fn(chain.x)), coef)
+                chain.step(chain.score(score_fn(chain.x)), coef)
                 chain.stepped()
                 chain.snapshot()
                 bar.update()
@@ -433,21 +319,21 @@ def annealed_langevin(
     the originals' loops run with ``torch.manual_seed(s)`` are reproduced by ``noise=torch.default_generator``
     after the same ``torch.manual_seed(s)`` and the same start. Returns the final batch.
     """
-    _callable(score_fn)
+    _validate.function(score_fn, "score_fn")
     x = _state(x)
     sig = _sigma_list(sigmas)
     n_steps_each = _count(n_steps_each, "n_steps_each", low=0)
-    step_lr = _number(step_lr, "step_lr")
-    variant = _choice(variant, "variant", VARIANTS)
-    denoise = (variant == "ncsnv2") if denoise is None else _flag(denoise, "denoise")
-    _flag(progress, "progress")
-    _flag(return_intermediates, "return_intermediates")
+    step_lr = _validate.number(step_lr, "step_lr", low=0.0)
+    variant = _validate.choice(variant, "variant", VARIANTS)
+    denoise = (variant == "ncsnv2") if denoise is None else _validate.flag(denoise, "denoise")
+    _validate.flag(progress, "progress")
+    _validate.flag(return_intermediates, "return_intermediates")
     every = _intermediate_every(intermediate_every)
-    outside = _outside_noise(noise)
-    seed, sample_offset = _seed_and_offset(seed, sample_offset, x.shape, outside)
+    given = noise_lib.source(noise)
+    seed, sample_offset = noise_lib.chain_key(seed, sample_offset, x.shape, given)
     L = len(sig)
     with torch.no_grad():
-        chain = _Chain(_start(x), seed, sample_offset, return_intermediates, every, outside)
+        chain = _Chain(_start(x), seed, sample_offset, return_intermediates, every, given)
         rows = chain.rows([_langevin_row(step_lr * (s / sig[-1]) ** 2) for s in sig])
         labels = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
         record_before = variant == "ncsn"
@@ -459,7 +345,7 @@ def annealed_langevin(
                     if record_before:
                         chain.snapshot()
                         chain.draw()  # ncsn draws the noise before the score
-                    chain.update(chain.score(score_fn(chain.x, labels)), rows[level])
+                    chain.step(chain.score(score_fn(chain.x, labels)), rows[level])
                     chain.stepped()
                     if not record_before:
                         chain.snapshot()
@@ -505,7 +391,7 @@ def annealed_langevin_inpainting(
     0, in x's row-major order: for the originals' left-half mask exactly their ``torch.randn_like`` of the
     known half), then the update's noise, then calls the score. Returns the final batch.
     """
-    _callable(score_fn)
+    _validate.function(score_fn, "score_fn")
     x = _state(x)
     full = []
     for t, name in ((known, "known"), (mask, "mask")):
@@ -517,21 +403,23 @@ def annealed_langevin_inpainting(
             full.append(torch.broadcast_to(t, x.shape))
         except RuntimeError:
             raise ValueError(f"{name}: shape {tuple(t.shape)} does not broadcast to x's {tuple(x.shape)}") from None
-    if mask.dtype != torch.bool and (not mask.is_floating_point() or not bool(((mask >= 0) & (mask <= 1)).all())):
-        raise ValueError("mask: expected a bool tensor or values in [0, 1]")
+    if mask.dtype != torch.bool:
+        _validate.floating(mask, "mask")
+        if not bool(((mask >= 0) & (mask <= 1)).all()):
+            raise ValueError("mask: expected a bool tensor or values in [0, 1]")
     sig = _sigma_list(sigmas)
     n_steps_each = _count(n_steps_each, "n_steps_each", low=0)
-    step_lr = _number(step_lr, "step_lr")
-    variant = _choice(variant, "variant", VARIANTS)
-    _flag(denoise, "denoise")
-    _flag(progress, "progress")
-    _flag(return_intermediates, "return_intermediates")
+    step_lr = _validate.number(step_lr, "step_lr", low=0.0)
+    variant = _validate.choice(variant, "variant", VARIANTS)
+    _validate.flag(denoise, "denoise")
+    _validate.flag(progress, "progress")
+    _validate.flag(return_intermediates, "return_intermediates")
     every = _intermediate_every(intermediate_every)
-    outside = _outside_noise(noise)
-    seed, sample_offset = _seed_and_offset(seed, sample_offset, x.shape, outside)
+    given = noise_lib.source(noise)
+    seed, sample_offset = noise_lib.chain_key(seed, sample_offset, x.shape, given)
     L = len(sig)
     with torch.no_grad():
-        chain = _Chain(_start(x), seed, sample_offset, return_intermediates, every, outside)
+        chain = _Chain(_start(x), seed, sample_offset, return_intermediates, every, given)
         state = chain.x
         known_x = full[0].to(x.dtype).contiguous(memory_format=chain.fmt)
         mask_x = full[1].to(x.dtype).contiguous(memory_format=chain.fmt)
@@ -540,7 +428,7 @@ def annealed_langevin_inpainting(
         rows = chain.rows([_langevin_row(step_lr * (s / sig[-1]) ** 2) for s in sig])
         labels = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
         known_draws = 0
-        if outside is not None:
+        if given is not None:
             # The originals draw normals for the known entries only (randn_like of the known half): one per
             # entry where mask != 0, in x's row-major order, scattered into a zero image.
             known_index = (full[1] != 0).reshape(-1).nonzero().squeeze(1)
@@ -548,10 +436,10 @@ def annealed_langevin_inpainting(
 
         def draw_perturbed_known(level: int) -> None:
             nonlocal known_draws
-            if outside is None:
-                _ls._randn(perturbed, seed, _ls._wrap(_KNOWN_COUNTER + known_draws), sample_offset)
+            if given is None:
+                chain.update.randn_into(perturbed, noise_lib.KNOWN_COUNTER + known_draws)
             else:
-                z = outside.draw((known_index.numel(),), x.dtype, x.device)
+                z = given.draw((known_index.numel(),), x.dtype, x.device)
                 perturbed.copy_(known_flat.index_copy_(0, known_index, z).view(x.shape))
             known_draws += 1
             perturbed.mul_(level_sigma[level]).add_(known_x)
@@ -569,9 +457,9 @@ def annealed_langevin_inpainting(
                     chain.draw()  # both originals draw the update's noise before the score
                     score = chain.score(score_fn(state, labels))
                     if variant == "ncsn":
-                        chain.update(score, rows[level], mask=mask_x, known=perturbed)
+                        chain.step(score, rows[level], mask=mask_x, known=perturbed)
                     else:
-                        chain.update(score, rows[level])
+                        chain.step(score, rows[level])
                     chain.stepped()
                     chain.snapshot()
                     bar.update()
@@ -585,11 +473,6 @@ def annealed_langevin_inpainting(
 
 
 # ---- predictor-corrector ---------------------------------------------------------------------------------
-
-
-def _default_eps(sde) -> float:
-    # score_sde's run_lib: sampling_eps 1e-5 for VE, 1e-3 for VP and sub-VP.
-    return 1e-5 if isinstance(sde, sde_lib.VESDE) else 1e-3
 
 
 def _time_grid(sde, eps: float) -> tuple[list[float], list[int]]:
@@ -688,13 +571,13 @@ class _BatchNormSteps:
         self.coef = torch.ones(N, 3, dtype=chain.acc, device=dev)
         self.eps = torch.empty(N, dtype=torch.float64, device=dev)
         self.root = torch.empty(N, dtype=torch.float64, device=dev)
-        self.partials = _ls.norm_partials(chain.x)  # (N, P, 2): per piece of a sample, |g|^2 and |z|^2
+        self.partials = chain.update.norm_partials()  # (N, P, 2): per piece of a sample, |g|^2 and |z|^2
         self.sums = torch.empty(N, 2, dtype=torch.float64, device=dev)
         self.norm_sums = torch.empty(2, dtype=torch.float64, device=dev)
         self.ratio = torch.empty(1, dtype=torch.float64, device=dev)
 
     def __call__(self, chain: _Chain, score: Tensor, step: int, z: Tensor | None) -> Tensor:
-        _ls._norms_into(score, z, chain.seed, chain.counter, chain.sample_offset, self.partials)
+        chain.update.norms_into(score, chain.counter, self.partials, noise=z)
         sums = torch.sum(self.partials, dim=1, out=self.sums)  # (N, 2): |g|^2, |z|^2
         # The ratio of the batch means of the norms is the ratio of their sums (torch.mean would allocate).
         sums.sqrt_()
@@ -757,7 +640,8 @@ def pc_sampler(
       batch it is in). A step computed from each sample's own norms is not offered: a state-dependent step
       without a Metropolis correction samples a distorted law (for a Gaussian in D dims, variances
       inflated by about (D + 2) / D).
-    - ``eps``: the last time (default: 1e-5 for VE, 1e-3 otherwise, as score_sde's configs);
+    - ``eps``: the last time (default: :func:`fastscore.sde.sampling_eps`, 1e-5 for VE, 1e-3 otherwise, as
+      score_sde's configs);
       ``denoise``: return the last predictor's mean.
     - ``x_init``: an initial batch (not modified) instead of the prior draw, which is otherwise made from
       ``seed`` with the counter-based generator on ``device`` in ``dtype``.
@@ -768,49 +652,42 @@ def pc_sampler(
       (after the score, except the Euler-Maruyama predictor, which draws before it; the probability-flow
       predictors draw too and multiply the draw by 0, as score_sde's).
     """
-    _callable(score_fn)
-    if not isinstance(sde, sde_lib.SDE):
-        raise TypeError(f"sde: expected a fastscore.sde VESDE, VPSDE or subVPSDE, got {type(sde).__name__}")
-    predictor = _choice(predictor, "predictor", PREDICTORS)
-    corrector = _choice(corrector, "corrector", CORRECTORS)
-    snr = _number(snr, "snr")
+    _validate.function(score_fn, "score_fn")
+    sde = sde_lib.check_sde(sde, schedules=True)
+    predictor = _validate.choice(predictor, "predictor", PREDICTORS)
+    corrector = _validate.choice(corrector, "corrector", CORRECTORS)
+    snr = _validate.number(snr, "snr", low=0.0)
     n_corrector_steps = _count(n_corrector_steps, "n_corrector_steps", low=0)
     for v, name in ((denoise, "denoise"), (probability_flow, "probability_flow"), (batch_norm_step, "batch_norm_step")):
-        _flag(v, name)
-    _flag(progress, "progress")
-    _flag(return_intermediates, "return_intermediates")
+        _validate.flag(v, name)
+    _validate.flag(progress, "progress")
+    _validate.flag(return_intermediates, "return_intermediates")
     every = _intermediate_every(intermediate_every)
     if predictor == "ancestral" and not isinstance(sde, (sde_lib.VESDE, sde_lib.VPSDE)):
         raise ValueError(f"predictor: 'ancestral' is defined for VESDE and VPSDE only, got {type(sde).__name__}")
     if predictor == "ancestral" and probability_flow:
         raise ValueError("probability_flow: the ancestral predictor has no probability-flow form")
-    eps = _default_eps(sde) if eps is None else _number(eps, "eps", positive=True)
-    if eps >= sde.T:
-        raise ValueError(f"eps: expected a value below T={sde.T}, got {eps}")
+    eps = sde_lib.sampling_eps(sde, eps)
     if x_init is not None:
-        x0 = _state(x_init)
+        x0 = _validate.batch(x_init, "x_init", min_dim=2, non_empty=True)
         shape = tuple(x0.shape)
     else:
-        shape = sde_lib._shape(shape)
+        shape = _validate.shape(shape)
         if len(shape) < 2 or math.prod(shape) == 0:
             raise ValueError(f"shape: expected a non-empty (N, ...) shape with at least 2 dims, got {shape}")
-        if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-            raise TypeError(f"dtype: expected a floating dtype, got {dtype}")
-    outside = _outside_noise(noise)
-    seed, sample_offset = _seed_and_offset(seed, sample_offset, shape, outside)
+        _validate.float_dtype(dtype)
+    given = noise_lib.source(noise)
+    seed, sample_offset = noise_lib.chain_key(seed, sample_offset, shape, given)
 
     ts, idx = _time_grid(sde, eps)
     with torch.no_grad():
         if x_init is not None:
             x = _start(x0)
         else:
-            x = torch.empty(shape, dtype=dtype, device=device)
-            if outside is None:
-                _ls._randn(x, seed, _ls._wrap(_PRIOR_COUNTER), sample_offset)
-            else:
-                x.copy_(outside.draw(shape, dtype, x.device))
-            x.mul_(sde.prior_std)
-        chain = _Chain(x, seed, sample_offset, return_intermediates, every, outside)
+            x = noise_lib.prior(
+                sde, shape, seed=seed, sample_offset=sample_offset, given=given, dtype=dtype, device=device
+            )
+        chain = _Chain(x, seed, sample_offset, return_intermediates, every, given)
         N = chain.N
         t_buf = torch.empty(N, dtype=x.dtype if x.dtype == torch.float64 else torch.float32, device=x.device)
         pred_rows = (
@@ -833,15 +710,15 @@ def pc_sampler(
                     score = chain.score(score_fn(x, t_buf))
                     if batch_steps:
                         z = chain.noise()
-                        chain.update(score, corr_steps(chain, score, i, z), z=z)
+                        chain.step(score, corr_steps(chain, score, i, z), z=z)
                     else:
-                        chain.update(score, corr_rows[i])
+                        chain.step(score, corr_rows[i])
                 if predictor != "none":
                     if predictor == "euler_maruyama":
                         chain.draw()  # score_sde's Euler-Maruyama predictor draws its noise before the score
                     score = chain.score(score_fn(x, t_buf))
                     last = i == len(ts) - 1
-                    chain.update(score, pred_rows[i], x_mean=x_mean if last else None)
+                    chain.step(score, pred_rows[i], x_mean=x_mean if last else None)
                 chain.stepped()
                 chain.snapshot()
                 bar.update()

@@ -51,7 +51,9 @@ import numbers
 import torch
 from torch import Tensor
 
-__all__ = ["SDE", "VESDE", "VPSDE", "subVPSDE", "ReverseSDE", "batch_view"]
+from fastscore import _validate
+
+__all__ = ["SDE", "VESDE", "VPSDE", "subVPSDE", "ReverseSDE", "batch_view", "check_sde", "sampling_eps"]
 
 
 def batch_view(v: Tensor, x: Tensor) -> Tensor:
@@ -59,30 +61,6 @@ def batch_view(v: Tensor, x: Tensor) -> Tensor:
     if v.dim() == 0:
         return v
     return v.reshape((v.shape[0],) + (1,) * (x.dim() - 1))
-
-
-def _positive_int(v, name: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-        raise ValueError(f"{name}: expected a positive integer, got {v!r}")
-    return int(v)
-
-
-def _finite(v, name: str, *, positive: bool = False) -> float:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
-        raise ValueError(f"{name}: expected a finite number, got {v!r}")
-    if positive and v <= 0:
-        raise ValueError(f"{name}: expected a positive number, got {v!r}")
-    return float(v)
-
-
-def _check_x(x, name: str = "x") -> Tensor:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name}: expected a floating tensor, got {x.dtype}")
-    if x.dim() < 1:
-        raise ValueError(f"{name}: expected a tensor of shape (N, ...), got a 0-d tensor")
-    return x
 
 
 def _times(t, x: Tensor) -> Tensor:
@@ -102,16 +80,43 @@ def _times(t, x: Tensor) -> Tensor:
     return t
 
 
-def _shape(shape) -> tuple[int, ...]:
-    if isinstance(shape, numbers.Integral):
-        shape = (shape,)
-    try:
-        shape = tuple(int(s) for s in shape)
-    except TypeError:
-        raise TypeError(f"shape: expected a sequence of integers, got {shape!r}") from None
-    if len(shape) < 1 or any(s < 0 for s in shape):
-        raise ValueError(f"shape: expected (N, ...) with non-negative sizes, got {shape}")
-    return shape
+# What an SDE must provide to be integrated (the ODE sampler, the likelihood); the PC sampler also reads
+# the discrete schedules of the classes here.
+_INTERFACE = ("sde", "marginal_prob", "prior_sampling", "prior_logp", "reverse", "T")
+
+
+def check_sde(sde, name: str = "sde", *, schedules: bool = False, needs: tuple[str, ...] = _INTERFACE):
+    """sde, checked: an instance of this module's SDE classes (required when ``schedules``: the samplers that
+    tabulate the discrete sigmas or betas), or any object with the methods ``needs`` (by default the whole
+    SDE interface: ``sde``, ``marginal_prob``, ``prior_sampling``, ``prior_logp``, ``reverse``, ``T``; score_sde's
+    own SDE classes have it). The one SDE check of every sampler, likelihood and loss."""
+    if isinstance(sde, SDE):
+        return sde
+    if schedules:
+        raise TypeError(f"{name}: expected a fastscore.sde VESDE, VPSDE or subVPSDE, got {type(sde).__name__}")
+    missing = [attr for attr in needs if not hasattr(sde, attr)]
+    if missing:
+        raise TypeError(
+            f"{name}: expected an SDE (fastscore.sde VESDE, VPSDE, subVPSDE, or an object with "
+            f"{', '.join(needs)}), got {type(sde).__name__} without {', '.join(missing)}"
+        )
+    return sde
+
+
+def sampling_eps(sde, eps=None) -> float:
+    """The last time of a sampler's grid: ``eps`` checked (a number in (0, T)), or the default for the SDE --
+    score_sde's run_lib, 1e-5 for VE SDEs and 1e-3 for the others (VP, sub-VP: their scores grow like
+    1/sqrt(t) near 0, so integrating closer to 0 costs steps and precision for nothing visible)."""
+    if eps is None:
+        return 1e-5 if isinstance(sde, VESDE) else 1e-3
+    eps = _validate.number(eps, "eps", low=0.0, strict=True)
+    if eps >= sde.T:
+        raise ValueError(f"eps: expected a time below sde.T = {sde.T}, got {eps}")
+    return eps
+
+
+def _check_x(x, name: str = "x") -> Tensor:
+    return _validate.batch(x, name)
 
 
 class SDE(abc.ABC):
@@ -126,7 +131,7 @@ class SDE(abc.ABC):
     prior_std: float = 1.0  # the prior is N(0, prior_std^2 I)
 
     def __init__(self, N: int):
-        self.N = _positive_int(N, "N")
+        self.N = _validate.integer(N, "N", low=1)
         self._tables: dict[tuple, dict[str, Tensor]] = {}
 
     # -- schedules (t a tensor or a float; the result has t's shape) -------------------------------------
@@ -201,8 +206,8 @@ class VESDE(SDE):
     """
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, N: int = 1000):
-        sigma_min = _finite(sigma_min, "sigma_min", positive=True)
-        sigma_max = _finite(sigma_max, "sigma_max", positive=True)
+        sigma_min = _validate.number(sigma_min, "sigma_min", low=0.0, strict=True)
+        sigma_max = _validate.number(sigma_max, "sigma_max", low=0.0, strict=True)
         if sigma_max <= sigma_min:
             raise ValueError(f"sigma_max: expected a value above sigma_min={sigma_min}, got {sigma_max}")
         super().__init__(N)
@@ -215,9 +220,16 @@ class VESDE(SDE):
         return {"sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "N": self.N}
 
     def sigma(self, t):
-        r""":math:`\sigma(t) = \sigma_{min} (\sigma_{max}/\sigma_{min})^t` (t a tensor or a float)."""
+        r""":math:`\sigma(t) = \sigma_{min} (\sigma_{max}/\sigma_{min})^t` (t a tensor or a float).
+
+        For a tensor, computed as :math:`\sigma_{min} \exp(t \ln(\sigma_{max}/\sigma_{min}))` in float64 and
+        rounded once to t's dtype: on the CPU, ATen's ``pow`` leaves the last elements of a tensor (those past
+        the last full vector) to a scalar routine whose results differ from its vectorised one in the last bit,
+        so a sample's sigma, and then its ODE trajectory and likelihood, would depend on where it sits in its
+        batch; ``exp`` is computed alike at every position (docs/distributed.md#what-is-bitwise)."""
         if isinstance(t, Tensor):
-            return self.sigma_min * (self.sigma_max / self.sigma_min) ** t
+            wide = t if t.dtype == torch.float64 else t.to(torch.float64)
+            return (torch.exp(wide * self._log_ratio) * self.sigma_min).to(t.dtype)
         return self.sigma_min * (self.sigma_max / self.sigma_min) ** float(t)
 
     def drift_coef(self, t):
@@ -238,7 +250,7 @@ class VESDE(SDE):
         return x, std.expand(x.shape[0]) if std.dim() == 0 else std
 
     def prior_sampling(self, shape, generator: torch.Generator | None = None, *, device=None, dtype=None) -> Tensor:
-        shape = _shape(shape)
+        shape = _validate.shape(shape)
         gen_device = generator.device if generator is not None else "cpu"
         z = torch.randn(shape, generator=generator, device=gen_device)
         return (z * self.sigma_max).to(device=device or gen_device, dtype=dtype or z.dtype)
@@ -266,8 +278,8 @@ class _LinearBetaSDE(SDE):
     drift :math:`-\tfrac12 \beta(t) x`, the log mean coefficient and the prior :math:`N(0, I)`."""
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, N: int = 1000):
-        beta_min = _finite(beta_min, "beta_min")
-        beta_max = _finite(beta_max, "beta_max")
+        beta_min = _validate.number(beta_min, "beta_min")
+        beta_max = _validate.number(beta_max, "beta_max")
         if beta_min < 0:
             raise ValueError(f"beta_min: expected a non-negative number, got {beta_min}")
         if beta_max < beta_min:
@@ -296,7 +308,7 @@ class _LinearBetaSDE(SDE):
         return -0.5 * self.beta(t)
 
     def prior_sampling(self, shape, generator: torch.Generator | None = None, *, device=None, dtype=None) -> Tensor:
-        shape = _shape(shape)
+        shape = _validate.shape(shape)
         gen_device = generator.device if generator is not None else "cpu"
         z = torch.randn(shape, generator=generator, device=gen_device)
         return z.to(device=device or gen_device, dtype=dtype or z.dtype)

@@ -28,6 +28,17 @@ count and backend).
 Randomness: the data order comes from one ``torch.Generator`` (seeded ``seed``), the loss's noise levels
 and noise from another (seeded ``seed + 1``); the model's initial weights from ``torch.manual_seed(seed)``.
 Snapshot sample grids use the samplers' own counter-based noise, so they change nothing in training.
+
+Several processes (``torchrun``; a torch.distributed process group of P > 1 processes initialised, e.g. by
+:func:`fastscore.distributed.init`): DistributedDataParallel on the same global batch. Every rank draws the
+whole batch (the data order, the transforms' and the loss's random draws: the generators above, in the same
+order, so all ranks hold the same generator states) and runs the network on its rows of it only,
+``shard_range(B)`` (without overlap); its loss is the sum of its rows' losses times ``P / B``, so the gradient
+DDP averages is the gradient of the batch mean, and the loss reported is the batch mean (summed over the
+ranks). Weights, optimizer, EMA and the resume state are the same on every rank (the single-process run's, to
+float rounding: the network's sums over the batch are split), rank 0 alone writes the checkpoints (ncsnv2's
+layout, atomically) and the sample grids (drawn in shards: docs/distributed.md). Resuming works with any
+number of processes: the resume state (data order, position, generators) is the global one.
 """
 
 from __future__ import annotations
@@ -47,9 +58,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from fastscore import distributed
 from fastscore._progress import Progress
 from fastscore.data.images import data_transform
-from fastscore.data.images import inverse_data_transform
 from fastscore.data.images import remove_stale_temps
 from fastscore.data.images import save_image_grid
 from fastscore.data.images import save_scatter
@@ -602,7 +613,6 @@ def _is_sample_grid(name: str) -> bool:
 # ---- sampling a model ---------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def sample(
     model: nn.Module,
     config,
@@ -617,46 +627,21 @@ def sample(
 ) -> Tensor:
     """``n`` samples by ncsnv2's annealed Langevin dynamics (``config.sampling`` unless overridden), images
     mapped back to [0, 1] (``inverse_data_transform``). Start: ``U[0, 1)`` images through ``data_transform``
-    (ncsnv2), or ``sigma_1 z`` for vectors; both from ``seed``."""
-    from fastscore.sampling import annealed_langevin
+    (ncsnv2), or ``sigma_1 z`` for vectors; both from ``seed``. The snapshot grids' sampler; it is
+    :func:`fastscore.model_sampling.annealed_langevin_sample`, which also holds the other samplers."""
+    from fastscore.model_sampling import annealed_langevin_sample
 
-    sigmas = get_sigmas(config).cpu()
-    n_steps_each = n_steps_each or field(config, "sampling.n_steps_each", "int+", 100)
-    step_lr = step_lr or field(config, "sampling.step_lr", "number+", 2e-5)
-    if denoise is None:
-        denoise = field(config, "sampling.denoise", "bool", True)
-    device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(seed)
-    if init is not None:
-        x = init
-    elif _is_toy(config):
-        x = torch.randn(n, field(config, "data.dim", "int+"), generator=gen) * float(sigmas[0])
-    else:
-        c, s = config.data.channels, config.data.image_size
-        x = data_transform(config, torch.rand(n, c, s, s, generator=gen))
-    score = model
-    if getattr(model, "conditioning", None) == "time":
-        # A ScoreMLP trained with loss "sde" takes the VE SDE's time and learns sigma_t * score: level i is the
-        # time whose marginal std is sigma_i (sigma_t = sigma_L (sigma_1 / sigma_L)^t).
-        levels = sigmas.to(device)
-        span = torch.log(levels[0] / levels[-1])
-        times = torch.log(levels / levels[-1]) / span if float(span) > 0 else torch.ones_like(levels)
-
-        def score(h, labels):
-            return model(h, times[labels].to(h.dtype)) / levels[labels, None].to(h.dtype)
-
-    out = annealed_langevin(
-        score, x.to(device), sigmas.to(device), n_steps_each=n_steps_each, step_lr=step_lr, denoise=denoise,
-        seed=seed, progress=progress,
+    return annealed_langevin_sample(
+        model, config, n, seed=seed, n_steps_each=n_steps_each, step_lr=step_lr, denoise=denoise, progress=progress,
+        init=init,
     )  # fmt: skip
-    return out if _is_toy(config) else inverse_data_transform(config, out)
 
 
 # ---- progress -------------------------------------------------------------------------------------------------
 
 
 class _Progress:
-    """The training loop's progress (fastscore._progress: a bar on a terminal, tqdm's when installed; whole
+    """The training loop's progress (fastscore._progress: tqdm's bar on a terminal; whole
     lines with the loss, the rate and an ETA when stderr is a file or a pipe)."""
 
     def __init__(self, total: int, initial: int, enabled: bool):
@@ -685,28 +670,58 @@ class TrainResult:
     losses: list[float] = dc_field(default_factory=list)
 
 
-def _loss_fn(loss: str, model: nn.Module, config, sigmas: Tensor, gen: torch.Generator):
+def _loss_fn(loss: str, model: nn.Module, config, sigmas: Tensor, gen: torch.Generator, reduction: str = "mean"):
     from fastscore import losses
 
     anneal_power = float(field(config, "training.anneal_power", "any", 2.0))
     if loss == "dsm":
-        return lambda x: losses.anneal_dsm(model, x, sigmas, None, anneal_power, generator=gen)
+        return lambda x: losses.anneal_dsm(model, x, sigmas, None, anneal_power, generator=gen, reduction=reduction)
     if loss == "ssm":
-        return lambda x: losses.anneal_sliced_score_matching(model, x, sigmas, generator=gen)
-    from fastscore.sde import VESDE
+        return lambda x: losses.anneal_sliced_score_matching(model, x, sigmas, generator=gen, reduction=reduction)
+    from fastscore.model_sampling import sde_for
 
-    sde = VESDE(sigma_min=float(sigmas[-1]), sigma_max=float(sigmas[0]), N=len(sigmas))
-    if _is_toy(config):
-        # The time-conditioned MLP learns sigma_t * score; dividing by sigma_t is the caller's (score_sde's
-        # scale_by_sigma).
-        def score_fn(x, t):
-            return model(x, t) / sde.marginal_prob(x, t)[1][:, None]
-    else:
+    # The VE SDE spanning the levels, one time step per level; the network gets the nearest level's label, or
+    # the time (the toy MLP, which learns sigma_t * score: dividing by sigma_t is the caller's, score_sde's
+    # scale_by_sigma).
+    score_fn, sde = sde_for(model, config, {"loss": loss}, n_steps=len(sigmas))
+    return lambda x: losses.sde_dsm(score_fn, sde, x, generator=gen, reduction=reduction)
 
-        def score_fn(x, t):
-            return model(x, torch.round((sde.T - t) * (sde.N - 1)).long())
 
-    return lambda x: losses.sde_dsm(score_fn, sde, x, generator=gen)
+class _RankRows:
+    """The network as the loss sees it on one rank of a data-parallel run: called with the whole batch (and
+    its labels or times), it runs the (DDP-wrapped) network on this rank's rows ``rows`` only and returns zeros
+    in the other rows, which the rank's loss leaves out. A rank without rows (a batch smaller than the number
+    of processes) runs the network on one row and keeps its output in ``idle``, to add 0 times it to the loss:
+    DDP needs every rank to take part in every backward."""
+
+    def __init__(self, net: nn.Module, module: nn.Module):
+        self.net = net
+        self.conditioning = getattr(module, "conditioning", None)  # what model_sampling.takes_time reads
+        self.rows = range(0)
+        self.idle: Tensor | None = None
+
+    def __call__(self, x: Tensor, c: Tensor) -> Tensor:
+        lo, hi = self.rows.start, self.rows.stop
+        if hi > lo:
+            self.idle = None
+            out = self.net(x[lo:hi], c[lo:hi])
+        else:
+            self.idle = self.net(x[:1], c[:1])
+            out = self.idle[:0]
+        rest = tuple(x.shape[1:])
+        return torch.cat([out.new_zeros((lo, *rest)), out, out.new_zeros((x.shape[0] - hi, *rest))])
+
+    def loss(self, per_sample: Tensor, size: int) -> Tensor:
+        """This rank's share of the batch mean: its rows' losses summed, times ``size / B`` (DDP averages
+        the ranks' gradients), plus 0 times the idle output."""
+        value = per_sample[self.rows.start : self.rows.stop].sum() * (size / per_sample.shape[0])
+        if self.idle is not None:
+            value = value + 0.0 * self.idle.sum()
+        return value
+
+
+def _batch_norms(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
 def train(
@@ -745,11 +760,18 @@ def train(
     ``out_dir`` is held for the run (:func:`run_folder`): created if needed, locked against a second run
     into it (:class:`TrainError` at once), cleared of the temporary files of a killed run. The config is
     checked and its memory estimated (:func:`check_memory`) before anything is allocated.
+
+    In a torch.distributed process group of several processes (``torchrun``), every rank calls this with the
+    same arguments and the run is data-parallel (module docstring): rank 0 holds ``out_dir`` and writes the
+    checkpoints and grids, every rank returns the same :class:`TrainResult` (``losses``: the batch means). To
+    resume, every rank must be able to read ``out_dir/checkpoint.pth`` (one node, or a shared filesystem).
     """
     if loss is not None and loss not in LOSSES:
         raise TrainError(f"loss: expected one of {', '.join(LOSSES)}, got {loss!r}")
     seed = check_seed(seed)
-    with run_folder(out_dir):
+    w = distributed.world()
+    # rank 0 alone holds (and writes into) the run folder; the other ranks only read a checkpoint to resume
+    with run_folder(out_dir) if w is None or w.main else contextlib.nullcontext():
         return _train(
             config, data, os.fspath(out_dir), steps=steps, batch_size=batch_size, seed=seed, resume=resume,
             loss=loss, snapshot_freq=snapshot_freq, snapshot_samples=snapshot_samples,
@@ -792,7 +814,11 @@ def _train(
     snapshot_steps_each, data_name, progress, channels_last, device,
 ) -> TrainResult:  # fmt: skip
     path = os.path.join(out_dir, CHECKPOINT_NAME)
+    w = distributed.world()
+    main = w is None or w.main
     device = torch.device(device)
+    if w is not None and w.device.type == "cuda" and device.type == "cuda":
+        device = w.device  # each rank on its own GPU
     ckpt = None
     if resume:
         ckpt = read_checkpoint(path)
@@ -846,7 +872,24 @@ def _train(
         if step >= steps:
             raise TrainError(f"--resume: the run in {out_dir!r} is already at step {step} (asked for {steps})")
 
-    objective = _loss_fn(loss, model, config, sigmas, loss_gen)
+    if w is None:
+        objective = _loss_fn(loss, model, config, sigmas, loss_gen)
+    else:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model_ddp = model
+        norms = _batch_norms(model)
+        if norms and device.type != "cuda":
+            raise TrainError(
+                f"config.model.normalization: the model normalises with batch statistics ({len(norms)} BatchNorm "
+                f"layers, e.g. {norms[0]}), which data-parallel training on CPUs cannot share between the processes "
+                "(torch's SyncBatchNorm needs GPUs): train it in one process, or on GPUs"
+            )
+        if norms:  # the statistics of the whole batch, as in one process
+            model_ddp = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        net = DistributedDataParallel(model_ddp, device_ids=[device] if device.type == "cuda" else None)
+        rank_rows = _RankRows(net, model)
+        per_sample = _loss_fn(loss, rank_rows, config, sigmas, loss_gen, reduction="none")
     n = data.shape[0]
     meta_common = {
         "format": _FORMAT,
@@ -873,7 +916,7 @@ def _train(
 
     n_samples, steps_each = _snapshot_sampling(config, snapshot_samples, snapshot_steps_each)
     result = TrainResult(checkpoint=path, step=step, loss=math.nan, seconds=0.0)
-    bar = _Progress(steps, step, progress)
+    bar = _Progress(steps, step, progress and main)
     start = time.perf_counter()
     model.train()
     try:
@@ -888,30 +931,44 @@ def _train(
             if channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             step += 1
-            value = objective(x)
+            if w is None:
+                value = objective(x)
+            else:
+                rank_rows.rows = distributed.shard_range(x.shape[0], w.rank, w.size)
+                losses_b = per_sample(x)
+                value = rank_rows.loss(losses_b, w.size)
             optimizer.zero_grad()
-            value.backward()
+            with distributed.communication(f"step {step}"):  # DDP all-reduces the gradients in backward
+                value.backward()
             optimizer.step()
             if ema is not None:
                 ema.update(model, step)
-            result.loss = float(value.detach())
+            if w is None:
+                result.loss = float(value.detach())
+            else:  # the batch mean: every rank's rows summed
+                rows = rank_rows.rows
+                mine = losses_b.detach()[rows.start : rows.stop].sum()
+                result.loss = float(distributed.all_reduce(mine, "sum", what=f"step {step}") / x.shape[0])
+                distributed.fail_point(f"step-{step}")
             if not math.isfinite(result.loss):
                 raise TrainError(f"the loss is {result.loss} at step {step}: lower optim.lr or check the data")
             result.losses.append(result.loss)
             bar.update(result.loss)
             if step % snapshot_freq == 0 or step == steps:
-                save_checkpoint(path, model, optimizer, ema, epoch, step, extra())
+                if main:
+                    save_checkpoint(path, model, optimizer, ema, epoch, step, extra())
                 if n_samples:
                     grid = os.path.join(out_dir, f"samples_{step}.png")
                     twin = ema.ema_copy(model) if ema is not None else model
                     twin.eval()
-                    drawn = sample(twin, config, n_samples, seed=seed, n_steps_each=steps_each)
+                    # in shards across the ranks when there are several: the same grid
+                    drawn = distributed.sample(twin, config, n_samples, seed=seed, n_steps_each=steps_each)
                     model.train()
-                    if _is_toy(config):  # 2-D points: the data (spread over the set) and the samples side by side
+                    if main and _is_toy(config):  # 2-D points: the data (spread over the set) and the samples
                         what = "EMA samples" if ema is not None else "samples"
                         shown = data[torch.linspace(0, n - 1, min(n, n_samples)).long()]
                         save_scatter(grid, drawn, data=shown, titles=[f"data ({data_name})", f"{what}, step {step}"])
-                    else:
+                    elif main:
                         save_image_grid(grid, drawn)
                     result.samples.append(grid)
                 bar.write(f"step {step}: loss {result.loss:.4g}, checkpoint {path}")

@@ -69,6 +69,7 @@ def test_forced_backend_that_cannot_run_says_why_and_how():
 
 def test_forced_triton_without_interpreter_says_how(monkeypatch):
     monkeypatch.setattr(_backend, "_triton_interpreting", lambda: False)
+    monkeypatch.setattr(_backend, "_chosen", {})  # ops choose afresh under the patched probe (chosen_impl)
     if torch.cuda.is_available():
         pytest.skip("with a GPU the message concerns CPU tensors only")
     with fastscore.use_backend("triton"), pytest.raises(fastscore.BackendUnavailableError, match="TRITON_INTERPRET=1"):
@@ -84,12 +85,59 @@ def test_automatic_fallback_warns_once_and_keeps_results(monkeypatch):
         _backend, "_status", lambda b, d, op=None: "pretend it is missing" if b == "cpp" else real_status(b, d, op)
     )
     monkeypatch.setattr(_backend, "_warned", set())
+    monkeypatch.setattr(_backend, "_chosen", {})  # ops choose afresh under the patched probe (chosen_impl)
     with pytest.warns(UserWarning, match="uses the reference implementation .*cpp: pretend it is missing"):
         fallback = cond_instance_norm(x, gamma, alpha, beta, act="elu")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cond_instance_norm(x, gamma, alpha, beta, act="elu")
     torch.testing.assert_close(fallback, fused, rtol=1e-5, atol=1e-5)
+
+
+def test_each_op_chooses_once_per_forced_backend_and_device_type(monkeypatch):
+    """select() costs 5 to 10 us, as much as a small kernel: an op keeps its choice (_backend.chosen_impl)."""
+    calls = []
+    select = _backend.select
+
+    def spy(op, device, **kwargs):
+        calls.append((op, _backend.forced_backend(), device.type))
+        return select(op, device, **kwargs)
+
+    monkeypatch.setattr(_backend, "select", spy)
+    monkeypatch.setattr(_backend, "_chosen", {})
+    x, gamma = torch.randn(2, 3, 4, 4), torch.ones(3)
+
+    def run_all():
+        fastscore.ops.elu(x)
+        fastscore.ops.crp_pool(x)
+        cond_instance_norm(x, gamma)
+
+    for _ in range(3):
+        run_all()
+    with fastscore.use_backend("ref"):
+        run_all()
+        run_all()
+    run_all()
+    ops = ["elu", "crp_pool", "cond_instance_norm"]
+    assert calls == [(op, None, "cpu") for op in ops] + [(op, "ref", "cpu") for op in ops]
+    # a forced backend that cannot run is not kept: every call fails, saying why
+    del calls[:]
+    with fastscore.use_backend("cuda"):
+        for _ in range(2):
+            with pytest.raises(fastscore.BackendUnavailableError, match="cuda backend runs on CUDA"):
+                fastscore.ops.elu(x)
+    assert calls == [("elu", "cuda", "cpu")] * 2
+    # FASTSCORE_BACKEND is a forced backend too; clear_chosen() forgets every choice
+    del calls[:]
+    monkeypatch.setenv("FASTSCORE_BACKEND", "cpp")
+    fastscore.ops.elu(x)
+    fastscore.ops.elu(x)
+    monkeypatch.delenv("FASTSCORE_BACKEND")
+    fastscore.ops.elu(x)
+    _backend.clear_chosen()
+    fastscore.ops.elu(x)
+    assert calls == [("elu", "cpp", "cpu"), ("elu", None, "cpu")]
+    assert list(_backend._chosen) == [("elu", None, "cpu")]
 
 
 def test_functorch_interpreter_probe_is_pinned():
@@ -318,13 +366,17 @@ def test_backward_uses_the_backend_of_its_forward_on_any_thread(monkeypatch):
         return chosen[-1]
 
     monkeypatch.setattr(_backend, "select", spy)
+    monkeypatch.setattr(_backend, "_chosen", {})  # every choice made in this test goes through the spy
     x = torch.randn(2, 3, 4, 4, requires_grad=True)
     with fastscore.use_backend("ref"):
         y = fastscore.ops.elu(x)
         assert chosen == ["ref"]
         # the backward on another thread, which has no override of its own, while this one still has it
         (grad,) = _joined(*_in_thread(lambda: torch.autograd.grad(y.sum(), x)))
-    assert chosen == ["ref", "ref"]
+    # The backward found the forward's choice, kept under the forced "ref": one without the override would
+    # have looked up ("elu", None, "cpu") and asked select, which answers "cpp" here.
+    assert chosen == ["ref"]
+    assert list(_backend._chosen) == [("elu", "ref", "cpu")]
     torch.testing.assert_close(grad, torch.where(x > 0, 1.0, x.detach().exp()))
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fastscore import cli
+from fastscore import demo
 from fastscore.data.images import DataError
 from fastscore.data.images import load_dataset
 from fastscore.data.images import save_image_grid
@@ -266,7 +267,7 @@ def test_likelihood_prints_bits_per_dim_with_error_bar(tiny_run, tiny_npz, capsy
 
 
 def test_demo_quick_writes_both_images(tmp_path, capsys):
-    assert os.path.isfile(cli.shipped_checkpoint())
+    assert os.path.isfile(demo.shipped_checkpoint())
     assert cli.main(["demo", "--quick", "--out", str(tmp_path)]) == 0
     text = capsys.readouterr().out
     for name in ("demo_digits.png", "ncsn_toy.png"):
@@ -717,7 +718,7 @@ def test_the_shipped_checkpoint_carries_the_bundled_config():
     from fastscore.train import checkpoint_meta
     from fastscore.train import read_checkpoint
 
-    ckpt = read_checkpoint(cli.shipped_checkpoint())
+    ckpt = read_checkpoint(demo.shipped_checkpoint())
     meta = checkpoint_meta(ckpt)
     embedded, bundled = meta["config"], namespace2dict(get_config("demo_digits"))
     for path in ("training.batch_size", "training.n_iters", "training.snapshot_freq", "training.anneal_power",
@@ -815,10 +816,31 @@ def test_too_few_sampler_steps_warn_on_one_line(tiny_run, tmp_path, capsys):
         assert status == 0 and err == "", (quiet, err)
 
 
+def test_time_to_label_is_the_nearest_level_and_stays_in_the_table():
+    """One map from the SDE's time to a discrete model's label, shared by the PC / ODE samplers, the likelihood
+    and the continuous-time loss: exact on the levels' own times, nearest between them, clamped outside [0, T]."""
+    from fastscore.model_sampling import time_to_label
+
+    levels, T = 5, 1.0
+    on_levels = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0])
+    assert time_to_label(on_levels, T, levels).tolist() == [0, 1, 2, 3, 4]
+    assert time_to_label(torch.tensor([0.9, 0.6, 0.1]), T, levels).tolist() == [0, 2, 4]
+    assert time_to_label(torch.tensor([1.5, -0.5]), T, levels).tolist() == [0, 4]  # past either end
+
+
+def test_the_sample_command_offers_what_the_sampling_module_runs():
+    """The parser spells out the samplers and the PC default (building it imports no torch): they must agree."""
+    from fastscore import model_sampling
+
+    assert cli.SAMPLERS == model_sampling.SAMPLERS
+    args = cli.build_parser().parse_args(["sample", "--checkpoint", "c.pth", "--out", "o.png"])
+    assert args.snr == model_sampling.PC_SNR
+
+
 def test_speed_ratio_in_words():
-    assert cli.speed_words(1.0, 1.9) == "1.90x faster"
-    assert cli.speed_words(1.04, 1.0) == "1.04x slower"
-    assert cli.speed_words(1.0, 1.001) == "as fast (1.00x)"
+    assert demo.speed_words(1.0, 1.9) == "1.90x faster"
+    assert demo.speed_words(1.04, 1.0) == "1.04x slower"
+    assert demo.speed_words(1.0, 1.001) == "as fast (1.00x)"
 
 
 @pytest.mark.parametrize(

@@ -287,10 +287,10 @@ BAD = {
     "x integer": ({"x": torch.ones(2, 3, 4, 4, dtype=torch.long)}, TypeError, "x: expected float16"),
     "x 3-D": ({"x": torch.ones(3, 4, 4)}, ValueError, "x: expected a 4-D"),
     "x no channels": ({"x": torch.ones(2, 0, 4, 4)}, ValueError, "x: expected C >= 1"),
-    "mode unknown": ({"mode": "min"}, ValueError, "mode: expected 'max' or 'avg', got 'min'"),
-    "mode None": ({"mode": None}, ValueError, "mode: expected 'max' or 'avg', got None"),
-    "mode not a string": ({"mode": 5}, ValueError, "mode: expected 'max' or 'avg', got 5"),
-    "mode upper case": ({"mode": "MAX"}, ValueError, "mode: expected 'max' or 'avg'"),
+    "mode unknown": ({"mode": "min"}, ValueError, "mode: expected one of 'max', 'avg', got 'min'"),
+    "mode None": ({"mode": None}, TypeError, "mode: expected one of 'max', 'avg', got NoneType"),
+    "mode not a string": ({"mode": 5}, TypeError, "mode: expected one of 'max', 'avg', got int"),
+    "mode upper case": ({"mode": "MAX"}, ValueError, "mode: expected one of 'max', 'avg'"),
 }
 
 

@@ -300,7 +300,7 @@ def test_ssm_parameter_gradients_fused_equal_reference(tiny_models):
         ({"x": torch.zeros(3)}, ValueError, "x"),
         ({"x": [1.0, 2.0]}, TypeError, "x"),
         ({"n_probes": 0}, ValueError, "n_probes"),
-        ({"n_probes": 1.5}, ValueError, "n_probes"),
+        ({"n_probes": 1.5}, TypeError, "n_probes"),
         ({"probe": "sphere"}, ValueError, "probe"),
         ({"mode": "both"}, ValueError, "mode"),
         ({"mode": "forward", "create_graph": True}, ValueError, "mode"),

@@ -10,11 +10,11 @@ import torch
 from torch.profiler import ProfilerActivity
 from torch.profiler import profile
 
+from fastscore import noise as noise_lib
 from fastscore import sampling
 from fastscore import sde as sde_lib
 from fastscore.data import ncsn_toy_mixture
 from fastscore.ops import counter_randn
-from fastscore.ops.langevin_step import _wrap
 
 SEED = 1234
 
@@ -54,7 +54,7 @@ def inpainting_reference(score_fn, x, known, mask, sigmas, n_steps_each, step_lr
 
     def perturbed(sigma):
         nonlocal draws
-        z = counter_randn(x.shape, seed=SEED, counter=_wrap(sampling._KNOWN_COUNTER + draws))
+        z = counter_randn(x.shape, seed=SEED, counter=noise_lib.KNOWN_COUNTER + draws)
         draws += 1
         return known + sigma * z
 
@@ -438,7 +438,7 @@ def test_pc_sampler_prior_probability_flow_and_denoise():
     )
     assert len(states) == sde.N
     # The prior is the counter-based normal at the reserved prior counter, times the prior std.
-    prior = counter_randn((3, 4), seed=SEED, counter=_wrap(sampling._PRIOR_COUNTER))
+    prior = counter_randn((3, 4), seed=SEED, counter=noise_lib.PRIOR_COUNTER)
     again = sampling.pc_sampler(score_fn, sde, (3, 4), corrector="none", seed=SEED, x_init=prior, denoise=False)
     torch.testing.assert_close(x, again, rtol=0, atol=0)
     # The probability-flow predictor adds no noise: two seeds give the same samples from one start.

@@ -124,7 +124,7 @@ def test_trains_with_anneal_dsm():
     "make, exc, name",
     [
         (lambda: ScoreMLP(0), ValueError, "dim"),
-        (lambda: ScoreMLP(2, hidden=2.5), ValueError, "hidden"),
+        (lambda: ScoreMLP(2, hidden=2.5), TypeError, "hidden"),
         (lambda: ScoreMLP(2, n_layers=0), ValueError, "n_layers"),
         (lambda: ScoreMLP(2, act="gelu"), ValueError, "act"),
         (lambda: ScoreMLP(2, n_classes=0), ValueError, "n_classes"),
@@ -143,9 +143,9 @@ def test_bad_construction(make, exc, name):
     "net, x, cond, exc, name",
     [
         (ScoreMLP(2), torch.zeros(3, 3), None, ValueError, "x"),
-        (ScoreMLP(2), torch.zeros(3, 2, dtype=torch.long), None, ValueError, "x"),
+        (ScoreMLP(2), torch.zeros(3, 2, dtype=torch.long), None, TypeError, "x"),
         (ScoreMLP(2), torch.zeros(3, 2), torch.zeros(3, dtype=torch.long), ValueError, "labels_or_t"),
-        (ScoreMLP(2, n_classes=3), torch.zeros(3, 2), None, ValueError, "labels_or_t"),
+        (ScoreMLP(2, n_classes=3), torch.zeros(3, 2), None, TypeError, "labels_or_t"),
         (ScoreMLP(2, n_classes=3), torch.zeros(3, 2), torch.zeros(2, dtype=torch.long), ValueError, "labels_or_t"),
         (ScoreMLP(2, n_classes=3), torch.zeros(3, 2), torch.zeros(3), TypeError, "labels_or_t"),
         (

@@ -10,12 +10,12 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
 #include <vector>
 
 #include "checks.h"
+#include "cond_instance_norm_args.h"
 #include "cond_instance_norm_math.h"
 #include "cpu_kernel_utils.h"
 
@@ -371,29 +371,7 @@ void jvp_finish(const Problem<scalar_t>& p, int64_t n) {
 
 // ---- op entry points -------------------------------------------------------------------------
 
-int parse_act(c10::string_view act) {
-  if (act == "none") return kActNone;
-  if (act == "elu") return kActElu;
-  TORCH_CHECK_VALUE(false, "act: expected 'none' or 'elu', got '", std::string(act), "'");
-  return kActNone;
-}
-
-at::ScalarType acc_type_of(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-void check_inputs(const at::Tensor& x, const at::Tensor& gamma, const c10::optional<at::Tensor>& alpha,
-                  const c10::optional<at::Tensor>& beta) {
-  check_image(x, "x");
-  const auto acc = acc_type_of(x);
-  check_rows(gamma, "gamma", x.size(0), x.size(1), acc, x.device());
-  check_optional_rows(alpha, "alpha", x.size(0), x.size(1), acc, x.device());
-  check_optional_rows(beta, "beta", x.size(0), x.size(1), acc, x.device());
-  TORCH_CHECK_VALUE(!alpha.has_value() || x.size(1) > 1,
-                    "x: mean reinjection (alpha) needs at least 2 channels (the variance across channel means "
-                    "divides by C - 1), got C = 1");
-  TORCH_CHECK_VALUE(x.size(2) * x.size(3) > 0, "x: H * W must be positive");
-}
+// The argument checks (cin::check_fwd, ...) are in csrc/include/cond_instance_norm_args.h, shared with CUDA.
 
 // Fills the shape, inputs and (N, C) workspace common to all directions.
 template <typename scalar_t>
@@ -453,8 +431,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cond_instance_norm_fwd(const at::
                                                                       const c10::optional<at::Tensor>& alpha,
                                                                       const c10::optional<at::Tensor>& beta,
                                                                       double eps, c10::string_view act) {
-  check_inputs(x, gamma, alpha, beta);
-  const int act_code = parse_act(act);
+  const int act_code = cin::check_fwd(x, gamma, alpha, beta, act);
   at::Tensor out = fresh_output_like(x);
   at::Tensor mean = at::empty({x.size(0), x.size(1)}, x.options().dtype(acc_type_of(x)));
   at::Tensor rstd = at::empty_like(mean);
@@ -465,12 +442,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cond_instance_norm_fwd(const at::
 void cond_instance_norm_fwd_out(const at::Tensor& x, const at::Tensor& gamma, const c10::optional<at::Tensor>& alpha,
                                 const c10::optional<at::Tensor>& beta, double eps, c10::string_view act,
                                 at::Tensor out) {
-  check_inputs(x, gamma, alpha, beta);
-  check_like(out, x, "out");
   // out may be x itself (in place): every element is read by the reduce and then read and written
-  // by the map at the same index. A partial overlap would read already-normalised values.
-  if (!out.is_same(x)) at::assert_no_partial_overlap(out, x);
-  const int act_code = parse_act(act);
+  // by the map at the same index.
+  const int act_code = cin::check_fwd_out(x, gamma, alpha, beta, act, out);
   at::Tensor mean = at::empty({x.size(0), x.size(1)}, x.options().dtype(acc_type_of(x)));
   at::Tensor rstd = at::empty_like(mean);
   fwd_into(x, gamma, alpha, beta, eps, act_code, out, mean, rstd);
@@ -484,20 +458,11 @@ void recompute_fwd_coefficients(const Problem<scalar_t>& p) {
   });
 }
 
-void check_stats(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd) {
-  check_rows(mean, "mean", x.size(0), x.size(1), acc_type_of(x), x.device());
-  check_rows(rstd, "rstd", x.size(0), x.size(1), acc_type_of(x), x.device());
-  TORCH_CHECK_VALUE(mean.is_contiguous() && rstd.is_contiguous(), "mean, rstd: expected contiguous tensors");
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cond_instance_norm_bwd(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& gamma, const c10::optional<at::Tensor>& alpha,
     const c10::optional<at::Tensor>& beta, const at::Tensor& mean, const at::Tensor& rstd, double eps,
     c10::string_view act) {
-  check_inputs(x, gamma, alpha, beta);
-  check_like(grad_out, x, "grad_out");
-  check_stats(x, mean, rstd);
-  const int act_code = parse_act(act);
+  const int act_code = cin::check_bwd(grad_out, x, gamma, alpha, beta, mean, rstd, act);
   at::Tensor grad_x = fresh_output_like(x);
   at::Tensor grad_gamma = at::empty_like(mean);
   at::Tensor grad_alpha = alpha.has_value() ? at::empty_like(mean) : at::empty({0}, mean.options());
@@ -525,14 +490,7 @@ at::Tensor cond_instance_norm_jvp(const at::Tensor& x, const at::Tensor& gamma, 
                                   const at::Tensor& rstd, const c10::optional<at::Tensor>& x_t,
                                   const c10::optional<at::Tensor>& gamma_t, const c10::optional<at::Tensor>& alpha_t,
                                   const c10::optional<at::Tensor>& beta_t, double eps, c10::string_view act) {
-  check_inputs(x, gamma, alpha, beta);
-  check_stats(x, mean, rstd);
-  if (x_t.has_value()) check_like(*x_t, x, "x_t");
-  const auto acc = acc_type_of(x);
-  check_optional_rows(gamma_t, "gamma_t", x.size(0), x.size(1), acc, x.device());
-  check_optional_rows(alpha_t, "alpha_t", x.size(0), x.size(1), acc, x.device());
-  check_optional_rows(beta_t, "beta_t", x.size(0), x.size(1), acc, x.device());
-  const int act_code = parse_act(act);
+  const int act_code = cin::check_jvp(x, gamma, alpha, beta, mean, rstd, x_t, gamma_t, alpha_t, beta_t, act);
   at::Tensor out_t = fresh_output_like(x);
   at::Tensor work;
   FS_DISPATCH_CIN(x, [&] {

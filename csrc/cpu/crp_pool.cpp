@@ -34,11 +34,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <string>
 #include <vector>
 
 #include "checks.h"
 #include "cpu_kernel_utils.h"
+#include "crp_pool_args.h"
 #include "crp_pool_math.h"
 
 namespace fastscore {
@@ -611,13 +611,7 @@ void run(const Problem<scalar_t>& p, int direction) {
 }
 
 // ---- op entry points -------------------------------------------------------------------------
-
-int parse_mode(c10::string_view mode) {
-  if (mode == "max") return kMax;
-  if (mode == "avg") return kAvg;
-  TORCH_CHECK_VALUE(false, "mode: expected 'max' or 'avg', got '", std::string(mode), "'");
-  return kMax;
-}
+// The argument checks (crp::check_fwd, ...) are in csrc/include/crp_pool_args.h, shared with CUDA.
 
 #define FS_DISPATCH_CRP(x, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, (x).scalar_type(), "crp_pool", __VA_ARGS__)
@@ -639,8 +633,7 @@ void launch(const at::Tensor& x, const at::Tensor& src, const at::Tensor* in2, c
 }
 
 at::Tensor crp_pool_fwd(const at::Tensor& x, c10::string_view mode) {
-  check_image(x, "x");
-  const int m = parse_mode(mode);
+  const int m = crp::check_fwd(x, mode);
   at::Tensor out = fresh_output_like(x);
   launch(x, x, nullptr, out, m, kPool);
   return out;
@@ -649,9 +642,7 @@ at::Tensor crp_pool_fwd(const at::Tensor& x, c10::string_view mode) {
 // The avg backward is the same box filter of grad_out (its window is symmetric, and zero padding
 // is its own adjoint); the max backward routes each output's gradient to its chosen input.
 at::Tensor crp_pool_bwd(const at::Tensor& grad_out, const at::Tensor& x, c10::string_view mode) {
-  check_image(x, "x");
-  check_like(grad_out, x, "grad_out");
-  const int m = parse_mode(mode);
+  const int m = crp::check_bwd(grad_out, x, mode);
   at::Tensor grad_x = fresh_output_like(x);
   if (m == kAvg) launch(x, grad_out, nullptr, grad_x, m, kPool);
   else launch(x, x, &grad_out, grad_x, m, kMaxBwd);
@@ -660,9 +651,7 @@ at::Tensor crp_pool_bwd(const at::Tensor& grad_out, const at::Tensor& x, c10::st
 
 // avg: the box filter of x_t; max: x_t at each output's chosen input.
 at::Tensor crp_pool_jvp(const at::Tensor& x, const at::Tensor& x_t, c10::string_view mode) {
-  check_image(x, "x");
-  check_like(x_t, x, "x_t");
-  const int m = parse_mode(mode);
+  const int m = crp::check_jvp(x, x_t, mode);
   at::Tensor out_t = fresh_output_like(x);
   if (m == kAvg) launch(x, x_t, nullptr, out_t, m, kPool);
   else launch(x, x, &x_t, out_t, m, kMaxJvp);

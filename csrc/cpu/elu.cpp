@@ -12,7 +12,6 @@
 // (see use_aten).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -22,6 +21,7 @@
 #include "checks.h"
 #include "common_math.h"
 #include "cpu_kernel_utils.h"
+#include "elu_args.h"
 
 namespace fastscore {
 namespace cpu {
@@ -107,31 +107,27 @@ at::Tensor scaled(const at::Tensor& x, const at::Tensor& v) {
   return dst;
 }
 
+// The argument checks (elu::check_fwd, ...) are in csrc/include/elu_args.h, shared with CUDA.
+
 at::Tensor elu_fwd(const at::Tensor& x) {
-  check_dense_float(x, "x");
+  elu::check_fwd(x);
   at::Tensor out = fresh_output_like(x);
   fwd_into(x, out);
   return out;
 }
 
 void elu_fwd_out(const at::Tensor& x, at::Tensor out) {
-  check_dense_float(x, "x");
-  check_same_strides(out, x, "out");
-  // out may be x (or another view of exactly x's memory): each element is read before it is
-  // written at the same index. A partial overlap would read elements already overwritten.
-  if (!out.is_same(x)) at::assert_no_partial_overlap(out, x);
+  elu::check_fwd_out(x, out);  // out may be x (in place)
   fwd_into(x, out);
 }
 
 at::Tensor elu_bwd(const at::Tensor& grad_out, const at::Tensor& x) {
-  check_dense_float(x, "x");
-  check_same_strides(grad_out, x, "grad_out");
+  elu::check_bwd(grad_out, x);
   return scaled(x, grad_out);
 }
 
 at::Tensor elu_jvp(const at::Tensor& x, const at::Tensor& x_t) {
-  check_dense_float(x, "x");
-  check_same_strides(x_t, x, "x_t");
+  elu::check_jvp(x, x_t);
   return scaled(x, x_t);
 }
 

@@ -4,7 +4,6 @@
 // bits). Built only with a CUDA build of torch (setup.py).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/MemoryOverlap.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -14,6 +13,7 @@
 #include "checks.h"
 #include "common_math.h"
 #include "cond_instance_norm.cuh"
+#include "cond_instance_norm_args.h"
 
 namespace fastscore {
 namespace cuda {
@@ -25,33 +25,7 @@ CinRows<A> rows_of(const c10::optional<at::Tensor>& t) {
   return {t->data_ptr<A>(), t->stride(0), t->stride(1)};
 }
 
-int parse_act(c10::string_view act) {
-  if (act == "none") return kActNone;
-  if (act == "elu") return kActElu;
-  TORCH_CHECK_VALUE(false, "act: expected 'none' or 'elu', got '", std::string(act), "'");
-  return kActNone;
-}
-
-at::ScalarType acc_type_of(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
-void check_inputs(const at::Tensor& x, const at::Tensor& gamma, const c10::optional<at::Tensor>& alpha,
-                  const c10::optional<at::Tensor>& beta) {
-  check_image(x, "x");
-  const auto acc = acc_type_of(x);
-  check_rows(gamma, "gamma", x.size(0), x.size(1), acc, x.device());
-  check_optional_rows(alpha, "alpha", x.size(0), x.size(1), acc, x.device());
-  check_optional_rows(beta, "beta", x.size(0), x.size(1), acc, x.device());
-  TORCH_CHECK_VALUE(!alpha.has_value() || x.size(1) > 1,
-                    "x: mean reinjection (alpha) needs at least 2 channels (the variance across channel means "
-                    "divides by C - 1), got C = 1");
-  TORCH_CHECK_VALUE(x.size(2) * x.size(3) > 0, "x: H * W must be positive");
-}
-
-void check_stats(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd) {
-  check_rows(mean, "mean", x.size(0), x.size(1), acc_type_of(x), x.device());
-  check_rows(rstd, "rstd", x.size(0), x.size(1), acc_type_of(x), x.device());
-  TORCH_CHECK_VALUE(mean.is_contiguous() && rstd.is_contiguous(), "mean, rstd: expected contiguous tensors");
-}
+using cin::acc_type_of;  // the argument checks are in csrc/include/cond_instance_norm_args.h, shared with CPU
 
 // The fields every direction shares, plus a workspace (kept alive by `work`) on x's device.
 template <typename S>
@@ -98,8 +72,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cond_instance_norm_fwd(const at::
                                                                       const c10::optional<at::Tensor>& alpha,
                                                                       const c10::optional<at::Tensor>& beta,
                                                                       double eps, c10::string_view act) {
-  check_inputs(x, gamma, alpha, beta);
-  const int act_code = parse_act(act);
+  const int act_code = cin::check_fwd(x, gamma, alpha, beta, act);
   at::Tensor out = at::empty_like(x);
   at::Tensor mean = at::empty({x.size(0), x.size(1)}, x.options().dtype(acc_type_of(x)));
   at::Tensor rstd = at::empty_like(mean);
@@ -110,12 +83,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cond_instance_norm_fwd(const at::
 void cond_instance_norm_fwd_out(const at::Tensor& x, const at::Tensor& gamma, const c10::optional<at::Tensor>& alpha,
                                 const c10::optional<at::Tensor>& beta, double eps, c10::string_view act,
                                 at::Tensor out) {
-  check_inputs(x, gamma, alpha, beta);
-  check_like(out, x, "out");
-  // out may be x itself: the map kernel reads then writes each element in one thread. A partial
-  // overlap would read already-normalised values.
-  if (!out.is_same(x)) at::assert_no_partial_overlap(out, x);
-  const int act_code = parse_act(act);
+  // out may be x itself: the map kernel reads then writes each element in one thread.
+  const int act_code = cin::check_fwd_out(x, gamma, alpha, beta, act, out);
   at::Tensor mean = at::empty({x.size(0), x.size(1)}, x.options().dtype(acc_type_of(x)));
   at::Tensor rstd = at::empty_like(mean);
   fwd_into(x, gamma, alpha, beta, eps, act_code, out, mean, rstd);
@@ -125,10 +94,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cond_instance_norm_bw
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& gamma, const c10::optional<at::Tensor>& alpha,
     const c10::optional<at::Tensor>& beta, const at::Tensor& mean, const at::Tensor& rstd, double eps,
     c10::string_view act) {
-  check_inputs(x, gamma, alpha, beta);
-  check_like(grad_out, x, "grad_out");
-  check_stats(x, mean, rstd);
-  const int act_code = parse_act(act);
+  const int act_code = cin::check_bwd(grad_out, x, gamma, alpha, beta, mean, rstd, act);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor grad_x = at::empty_like(x);
   at::Tensor grad_gamma = at::empty_like(mean);
@@ -153,14 +119,7 @@ at::Tensor cond_instance_norm_jvp(const at::Tensor& x, const at::Tensor& gamma, 
                                   const at::Tensor& rstd, const c10::optional<at::Tensor>& x_t,
                                   const c10::optional<at::Tensor>& gamma_t, const c10::optional<at::Tensor>& alpha_t,
                                   const c10::optional<at::Tensor>& beta_t, double eps, c10::string_view act) {
-  check_inputs(x, gamma, alpha, beta);
-  check_stats(x, mean, rstd);
-  if (x_t.has_value()) check_like(*x_t, x, "x_t");
-  const auto acc = acc_type_of(x);
-  check_optional_rows(gamma_t, "gamma_t", x.size(0), x.size(1), acc, x.device());
-  check_optional_rows(alpha_t, "alpha_t", x.size(0), x.size(1), acc, x.device());
-  check_optional_rows(beta_t, "beta_t", x.size(0), x.size(1), acc, x.device());
-  const int act_code = parse_act(act);
+  const int act_code = cin::check_jvp(x, gamma, alpha, beta, mean, rstd, x_t, gamma_t, alpha_t, beta_t, act);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out_t = at::empty_like(x);
   at::Tensor work;

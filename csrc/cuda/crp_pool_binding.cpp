@@ -9,23 +9,15 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <string>
-
 #include "binding_utils.h"
 #include "checks.h"
 #include "crp_pool.cuh"
+#include "crp_pool_args.h"
 #include "crp_pool_math.h"
 
 namespace fastscore {
 namespace cuda {
 namespace {
-
-int parse_mode(c10::string_view mode) {
-  if (mode == "max") return crp::kMax;
-  if (mode == "avg") return crp::kAvg;
-  TORCH_CHECK_VALUE(false, "mode: expected 'max' or 'avg', got '", std::string(mode), "'");
-  return crp::kMax;
-}
 
 template <typename S>
 CrpArgs<cuda_t<S>> make_args(const at::Tensor& x, int mode) {
@@ -44,8 +36,7 @@ CrpArgs<cuda_t<S>> make_args(const at::Tensor& x, int mode) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, (x).scalar_type(), "crp_pool_cuda", __VA_ARGS__)
 
 at::Tensor crp_pool_fwd(const at::Tensor& x, c10::string_view mode) {
-  check_image(x, "x");
-  const int m = parse_mode(mode);
+  const int m = crp::check_fwd(x, mode);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty_like(x);
   FS_DISPATCH_CRP(x, [&] {
@@ -57,9 +48,7 @@ at::Tensor crp_pool_fwd(const at::Tensor& x, c10::string_view mode) {
 }
 
 at::Tensor crp_pool_bwd(const at::Tensor& grad_out, const at::Tensor& x, c10::string_view mode) {
-  check_image(x, "x");
-  check_like(grad_out, x, "grad_out");
-  const int m = parse_mode(mode);
+  const int m = crp::check_bwd(grad_out, x, mode);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor grad_x = at::empty_like(x);
   const auto bytes = crp_bwd_workspace_bytes(x.size(0), x.size(1), x.size(2), x.size(3), m);
@@ -75,9 +64,7 @@ at::Tensor crp_pool_bwd(const at::Tensor& grad_out, const at::Tensor& x, c10::st
 }
 
 at::Tensor crp_pool_jvp(const at::Tensor& x, const at::Tensor& x_t, c10::string_view mode) {
-  check_image(x, "x");
-  check_like(x_t, x, "x_t");
-  const int m = parse_mode(mode);
+  const int m = crp::check_jvp(x, x_t, mode);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out_t = at::empty_like(x);
   FS_DISPATCH_CRP(x, [&] {

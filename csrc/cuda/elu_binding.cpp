@@ -4,7 +4,6 @@
 // torch (setup.py).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/MemoryOverlap.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -13,6 +12,7 @@
 #include "binding_utils.h"
 #include "checks.h"
 #include "elu.cuh"
+#include "elu_args.h"
 
 namespace fastscore {
 namespace cuda {
@@ -39,30 +39,27 @@ at::Tensor scaled(const at::Tensor& x, const at::Tensor& v) {
   return dst;
 }
 
+// The argument checks (elu::check_fwd, ...) are in csrc/include/elu_args.h, shared with CPU.
+
 at::Tensor elu_fwd_cuda(const at::Tensor& x) {
-  check_dense_float(x, "x");
+  elu::check_fwd(x);
   at::Tensor out = at::empty_like(x);
   fwd_into(x, out);
   return out;
 }
 
 void elu_fwd_out_cuda(const at::Tensor& x, at::Tensor out) {
-  check_dense_float(x, "x");
-  check_same_strides(out, x, "out");
-  // out may be x: each element is read, then written at its own index. Not a partial overlap.
-  if (!out.is_same(x)) at::assert_no_partial_overlap(out, x);
+  elu::check_fwd_out(x, out);  // out may be x (in place)
   fwd_into(x, out);
 }
 
 at::Tensor elu_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& x) {
-  check_dense_float(x, "x");
-  check_same_strides(grad_out, x, "grad_out");
+  elu::check_bwd(grad_out, x);
   return scaled(x, grad_out);
 }
 
 at::Tensor elu_jvp_cuda(const at::Tensor& x, const at::Tensor& x_t) {
-  check_dense_float(x, "x");
-  check_same_strides(x_t, x, "x_t");
+  elu::check_jvp(x, x_t);
   return scaled(x, x_t);
 }
 

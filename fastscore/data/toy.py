@@ -18,7 +18,7 @@ import numbers
 import torch
 from torch import Tensor
 
-from fastscore.ops import _checks
+from fastscore import _validate
 
 __all__ = ["GaussianMixture", "ncsn_toy_mixture", "toy_sample", "TOY_DATASETS"]
 
@@ -26,7 +26,7 @@ TOY_DATASETS = ("gmm", "moons", "swissroll", "checkerboard", "rings")
 
 
 def _generator(seed) -> torch.Generator | None:
-    seed = _checks.seed(seed)  # fastscore's one rule for seeds: None or an integer in [0, 2^64), numpy's too
+    seed = _validate.seed(seed)  # fastscore's one rule for seeds: None or an integer in [0, 2^64), numpy's too
     if seed is None:
         return None
     g = torch.Generator()

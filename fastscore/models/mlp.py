@@ -26,15 +26,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastscore import _validate
+
 __all__ = ["ScoreMLP"]
 
 _ACTS = {"softplus": F.softplus, "elu": F.elu, "relu": F.relu, "silu": F.silu, "swish": F.silu, "tanh": torch.tanh}
 
 
 def _positive_int(v, name: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{name}: expected a positive integer, got {v!r}")
-    return v
+    return _validate.integer(v, name, low=1)
 
 
 class ScoreMLP(nn.Module):
@@ -72,8 +72,7 @@ class ScoreMLP(nn.Module):
         self.dim = _positive_int(dim, "dim")
         self.hidden = _positive_int(hidden, "hidden")
         self.n_layers = _positive_int(n_layers, "n_layers")
-        if act not in _ACTS:
-            raise ValueError(f"act: expected one of {', '.join(map(repr, _ACTS))}, got {act!r}")
+        _validate.choice(act, "act", tuple(_ACTS))
         self.act_name = act
         self._act = _ACTS[act]
         if sigmas is not None:
@@ -138,10 +137,11 @@ class ScoreMLP(nn.Module):
                     "n_classes/sigmas/time_embedding)"
                 )
             return None, None
-        if not isinstance(cond, Tensor) or cond.dim() != 1 or cond.shape[0] != N:
-            got = f"shape {tuple(cond.shape)}" if isinstance(cond, Tensor) else type(cond).__name__
-            want = "int64 noise-level indices" if kind == "labels" else "float times"
-            raise ValueError(f"labels_or_t: expected a ({N},) tensor of {want}, got {got}")
+        want = "int64 noise-level indices" if kind == "labels" else "float times"
+        if not isinstance(cond, Tensor):
+            raise TypeError(f"labels_or_t: expected a ({N},) tensor of {want}, got {type(cond).__name__}")
+        if cond.dim() != 1 or cond.shape[0] != N:
+            raise ValueError(f"labels_or_t: expected a ({N},) tensor of {want}, got shape {tuple(cond.shape)}")
         if cond.device != x.device:
             raise ValueError(f"labels_or_t: expected a tensor on x's device {x.device}, got {cond.device}")
         if kind == "labels":
@@ -160,9 +160,9 @@ class ScoreMLP(nn.Module):
         return self.time_proj(torch.cat([torch.sin(arg), torch.cos(arg)], dim=1)), None
 
     def forward(self, x: Tensor, labels_or_t: Tensor | None = None) -> Tensor:
-        if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != self.dim or not x.is_floating_point():
-            got = f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"x: expected a float (N, {self.dim}) tensor, got {got}")
+        _validate.floating(_validate.tensor(x, "x"), "x")
+        if x.dim() != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"x: expected a float (N, {self.dim}) tensor, got shape {tuple(x.shape)}")
         shift, div = self._shifts(x, labels_or_t)
         h = x
         for i, layer in enumerate(self.layers):

@@ -33,10 +33,10 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from fastscore import _validate
 from fastscore.nn import reference as _ref
 from fastscore.nn.reference import UnknownNormalizationError
 from fastscore.nn.reference import normalization_from_tables
-from fastscore.ops import _checks
 from fastscore.ops.cond_instance_norm import cond_instance_norm
 
 __all__ = [
@@ -67,7 +67,7 @@ def _check_act(act) -> str | None:
 
 
 def _check_x(x, num_features: int, *, min_channels: int = 1) -> None:
-    _checks.image(x, "x")
+    _validate.image(x, "x")
     if x.shape[1] != num_features:
         raise ValueError(f"x: expected {num_features} channels (num_features), got shape {tuple(x.shape)}")
     if num_features < min_channels:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastscore import _backend
-from fastscore.ops import _checks
+from fastscore import _validate
 
 OP = "cond_instance_norm"
 _ACTS = {None: "none", "none": "none", "elu": "elu"}
@@ -98,7 +98,7 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _like_x(t: Tensor, x: Tensor) -> Tensor:
-    return t.contiguous(memory_format=_checks.memory_format(x))
+    return t.contiguous(memory_format=_validate.memory_format(x))
 
 
 def _fwd_ref(x, gamma, alpha, beta, eps, act):
@@ -174,8 +174,8 @@ def _impl(backend: str) -> _Impl:
     return _Impl(kernels.fwd, kernels.fwd_out, kernels.bwd, kernels.jvp)
 
 
-def _impl_for(x: Tensor) -> _Impl:
-    return _impl(_backend.select(OP, x.device, cpp_op="cond_instance_norm_fwd", cuda_order=PREFERRED_CUDA))
+def _impl_for(x: Tensor) -> _Impl:  # chosen once per (forced backend, device type): see _backend.chosen_impl
+    return _backend.chosen_impl(OP, x.device, _impl, cpp_op="cond_instance_norm_fwd", cuda_order=PREFERRED_CUDA)
 
 
 # Order on CUDA tensors, from bench/bench_cond_instance_norm.py (not yet measured on a GPU here:
@@ -353,10 +353,13 @@ def cond_instance_norm(
     """
     act_name = _ACTS.get(act) if isinstance(act, str) or act is None else None
     if act_name is None:
-        raise ValueError(f"act: expected None or 'elu', got {act!r}")
-    _checks.image(x, "x")
+        wrong_kind = TypeError if act is not None and not isinstance(act, str) else ValueError
+        raise wrong_kind(f"act: expected None or 'elu', got {act!r}")
+    _validate.image(x, "x")
     N, C = x.shape[:2]
-    if not isinstance(eps, (float, int)) or isinstance(eps, bool) or not eps > 0:
+    if not isinstance(eps, (float, int)) or isinstance(eps, bool):
+        raise TypeError(f"eps: expected a positive number, got {eps!r}")
+    if not eps > 0:
         raise ValueError(f"eps: expected a positive number, got {eps!r}")
     if not eps <= torch.finfo(acc_dtype(x.dtype)).max:  # inf, or a value the kernels' compute dtype rounds to inf
         raise ValueError(
@@ -366,19 +369,19 @@ def cond_instance_norm(
     params = {"gamma": gamma, "alpha": alpha, "beta": beta}
     for name, p in params.items():
         if p is not None or name == "gamma":
-            _checks.channel_param(p, name, x)
+            _validate.channel_param(p, name, x)
     if alpha is not None and C < 2:
         raise ValueError(
             f"alpha: mean reinjection needs at least 2 channels (the variance across channel means divides "
             f"by C - 1), got x of shape {tuple(x.shape)}"
         )
-    x = _checks.supported_layout(x)
+    x = _validate.supported_layout(x)
     acc = acc_dtype(x.dtype)
     g, a, b = (None if p is None else p.to(acc).expand(N, C) for p in (gamma, alpha, beta))
     eps = float(eps)
 
     if out is not None:
-        _checks.output(out, x, "out")
+        _validate.output(out, x, "out")
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, g, a, b)):
             raise ValueError("out: writing into a preallocated tensor is not differentiable; use torch.no_grad()")
         if x.numel():

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastscore import _backend
-from fastscore.ops import _checks
+from fastscore import _validate
 
 OP = "crp_pool"
 MODES = ("max", "avg")
@@ -32,9 +32,7 @@ KERNEL, STRIDE, PADDING = 5, 1, 2
 
 
 def _check_mode(mode) -> str:
-    if not isinstance(mode, str) or mode not in MODES:
-        raise ValueError(f"mode: expected 'max' or 'avg', got {mode!r}")
-    return mode
+    return _validate.choice(mode, "mode", MODES)
 
 
 def crp_pool_ref(x: Tensor, *, mode: str = "max") -> Tensor:
@@ -73,7 +71,7 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _like_x(t: Tensor, x: Tensor) -> Tensor:
-    return t.contiguous(memory_format=_checks.memory_format(x))
+    return t.contiguous(memory_format=_validate.memory_format(x))
 
 
 def _ref_in_acc(x: Tensor, mode: str):
@@ -118,8 +116,8 @@ def _impl(backend: str) -> _Impl:
 PREFERRED_CUDA = ("cuda", "triton")
 
 
-def _impl_for(x: Tensor) -> _Impl:
-    return _impl(_backend.select(OP, x.device, cpp_op="crp_pool_fwd", cuda_order=PREFERRED_CUDA))
+def _impl_for(x: Tensor) -> _Impl:  # chosen once per (forced backend, device type): see _backend.chosen_impl
+    return _backend.chosen_impl(OP, x.device, _impl, cpp_op="crp_pool_fwd", cuda_order=PREFERRED_CUDA)
 
 
 @torch.library.custom_op("fastscore::crp_pool_fwd", mutates_args=())
@@ -220,8 +218,8 @@ def crp_pool(x: Tensor, *, mode: str = "max") -> Tensor:
     row-major order; NaN: the last NaN). Differentiable in forward and reverse mode, twice.
     """
     _check_mode(mode)
-    _checks.image(x, "x")
-    x = _checks.supported_layout(x)
+    _validate.image(x, "x")
+    x = _validate.supported_layout(x)
     if x.numel() == 0:
         return torch.empty_like(x)
     path = _backend.op_path(x)

@@ -16,7 +16,6 @@ This file reads top to bottom:
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastscore import _backend
-from fastscore.ops import _checks
+from fastscore import _validate
 
 OP = "elu"
 
@@ -117,7 +116,6 @@ class _Impl(NamedTuple):
     jvp: object
 
 
-@functools.cache  # the ops' lookup costs microseconds per call, and this op runs 44 times per NCSNv2 forward
 def _impl(backend: str) -> _Impl:
     if backend == "ref":
         return _Impl(_fwd_ref, _fwd_out_ref, _bwd_ref, _jvp_ref)
@@ -134,8 +132,8 @@ def _impl(backend: str) -> _Impl:
 PREFERRED_CUDA = ("cuda", "triton")
 
 
-def _impl_for(x: Tensor) -> _Impl:
-    return _impl(_backend.select(OP, x.device, cpp_op="elu_fwd", cuda_order=PREFERRED_CUDA))
+def _impl_for(x: Tensor) -> _Impl:  # chosen once per (forced backend, device type): see _backend.chosen_impl
+    return _backend.chosen_impl(OP, x.device, _impl, cpp_op="elu_fwd", cuda_order=PREFERRED_CUDA)
 
 
 @torch.library.custom_op("fastscore::elu_fwd", mutates_args=())
@@ -231,13 +229,13 @@ class _EluFnJvp(_EluFn):
 
 
 def _check_out(out, x: Tensor) -> Tensor:
-    _checks.tensor(out, "out")
+    _validate.tensor(out, "out")
     if out.shape != x.shape or out.dtype != x.dtype:
         raise ValueError(
             f"out: expected shape {tuple(x.shape)} and dtype {x.dtype} (as x), got {tuple(out.shape)} {out.dtype}"
         )
-    _checks.same_device(out, "out", x)
-    return _checks.overwritable(out, "out")
+    _validate.same_device(out, "out", x)
+    return _validate.overwritable(out, "out")
 
 
 def _forward_mode_active(x: Tensor) -> bool:
@@ -266,7 +264,7 @@ def elu(x: Tensor, *, out: Tensor | None = None) -> Tensor:
     differentiable; inference only (an error when ``x`` or ``out`` requires grad under grad mode, ``x``
     carries a forward-mode tangent, or a torch.func transform is active).
     """
-    _checks.floating(_checks.tensor(x, "x"), "x")
+    _validate.floating(_validate.tensor(x, "x"), "x")
     if out is not None:
         _check_out(out, x)
         if torch.is_grad_enabled() and x.requires_grad:

@@ -32,15 +32,13 @@ no custom kernel here: the work is the network's own forward/jvp/backward, which
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import forward_ad
 from torch.overrides import TorchFunctionMode
 
-from fastscore.ops import _checks
+from fastscore import _validate
 from fastscore.ops.langevin_step import counter_randn
 
 __all__ = [
@@ -58,32 +56,8 @@ MODES = ("auto", "forward", "reverse")
 # ---- argument checks shared with fastscore.losses ---------------------------------------------------------
 
 
-def _check_fn(fn, name: str = "fn") -> None:
-    if not callable(fn):
-        raise TypeError(f"{name}: expected a callable, got {type(fn).__name__}")
-
-
 def _check_x(x, name: str = "x") -> Tensor:
-    _checks.floating(_checks.tensor(x, name), name)
-    if x.dim() < 2 or x.shape[0] < 1:
-        raise ValueError(
-            f"{name}: expected a (N, ...) batch with N >= 1 and 2 or more dimensions, got {tuple(x.shape)}"
-        )
-    return x
-
-
-def _check_out(out, x: Tensor, name: str = "fn") -> None:
-    """fn must map x to a tensor of x's shape (a divergence needs a square Jacobian)."""
-    if not isinstance(out, Tensor):
-        raise TypeError(f"{name}: expected it to return a tensor, got {type(out).__name__}")
-    if out.shape != x.shape:
-        raise ValueError(f"{name}: returned shape {tuple(out.shape)}, expected the input's shape {tuple(x.shape)}")
-
-
-def _int_arg(v, name: str, low: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
-        raise ValueError(f"{name}: expected an integer >= {low}, got {v!r}")
-    return int(v)
+    return _validate.batch(x, name, min_dim=2, non_empty=True)
 
 
 # ---- 1. probes ------------------------------------------------------------------------------------------
@@ -106,9 +80,8 @@ def make_probes(
     from torch's default generator.
     """
     _check_x(x)
-    n_probes = _int_arg(n_probes, "n_probes", 1)
-    if probe not in PROBES:
-        raise ValueError(f"probe: expected 'rademacher' or 'gaussian', got {probe!r}")
+    n_probes = _validate.integer(n_probes, "n_probes", low=1)
+    _validate.choice(probe, "probe", PROBES)
     z = counter_randn(
         (x.shape[0], n_probes, *x.shape[1:]), seed=seed, counter=counter, sample_offset=sample_offset, device=x.device
     )
@@ -119,14 +92,14 @@ def make_probes(
 
 def _check_probes(probes, x: Tensor) -> Tensor:
     """Explicit probes: x's shape (one probe) or (P, *x.shape); returned as (P, *x.shape)."""
-    _checks.tensor(probes, "probes")
+    _validate.tensor(probes, "probes")
     if probes.shape == x.shape:
         probes = probes.unsqueeze(0)
     if probes.dim() != x.dim() + 1 or probes.shape[1:] != x.shape or probes.shape[0] < 1:
         raise ValueError(
             f"probes: expected shape {tuple(x.shape)} or (P, {', '.join(map(str, x.shape))}), got {tuple(probes.shape)}"
         )
-    _checks.same_device(probes, "probes", x)
+    _validate.same_device(probes, "probes", x)
     return probes.to(x.dtype)
 
 
@@ -146,7 +119,7 @@ def hutchinson_divergence_ref(fn, x: Tensor, probes: Tensor) -> tuple[Tensor, Te
     forward and backward pass, as score_sde would be called P times. Returns ``(fx, div)`` detached: ``fx``
     (x's shape) from the first probe's forward pass and ``div`` (N,).
     """
-    _check_fn(fn)
+    _validate.function(fn, "fn")
     _check_x(x)
     probes = _check_probes(probes, x)
     fx, total = None, None
@@ -154,7 +127,7 @@ def hutchinson_divergence_ref(fn, x: Tensor, probes: Tensor) -> tuple[Tensor, Te
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             out = fn(xg)
-            _check_out(out, x)
+            _validate.check_score(out, x, "fn", exact=False)
             fn_eps = torch.sum(out * v)
             grad = torch.autograd.grad(fn_eps, xg)[0]
         d = torch.sum((grad * v).reshape(x.shape[0], -1), dim=-1)
@@ -171,13 +144,13 @@ def exact_divergence(fn, x: Tensor, *, create_graph: bool = False, _fn_name: str
     estimators. ``fn`` must act on samples independently (the usual batch semantics). With
     ``create_graph=True`` both results stay differentiable (exact score matching).
     """
-    _check_fn(fn, _fn_name)
+    _validate.function(fn, _fn_name)
     _check_x(x)
     D = x[0].numel()
     with torch.enable_grad():
         xg = x if (x.requires_grad and create_graph) else x.detach().requires_grad_(True)
         out = fn(xg)
-        _check_out(out, x, _fn_name)
+        _validate.check_score(out, x, _fn_name, exact=False)
         flat = out.reshape(x.shape[0], D)
         div = torch.zeros(x.shape[0], dtype=out.dtype, device=x.device)
         for i in range(D):
@@ -198,7 +171,7 @@ def _reverse_products(fn, x: Tensor, probes: Tensor, create_graph: bool, fn_name
     with torch.enable_grad():
         xg = x if x.requires_grad else x.detach().requires_grad_(True)
         out = fn(xg)
-        _check_out(out, x, fn_name)
+        _validate.check_score(out, x, fn_name, exact=False)
         prods = []
         for p in range(P):
             (g,) = torch.autograd.grad(
@@ -215,7 +188,7 @@ def _reverse_products(fn, x: Tensor, probes: Tensor, create_graph: bool, fn_name
 def _like(v: Tensor, x: Tensor) -> Tensor:
     """v in x's memory layout: a tangent (or cotangent) in another layout than its primal makes every
     convolution convert it (and reorder its weight) on each call."""
-    return v.contiguous(memory_format=_checks.memory_format(x)) if x.dim() == 4 else v
+    return v.contiguous(memory_format=_validate.memory_format(x)) if x.dim() == 4 else v
 
 
 def _has_tangent(t) -> bool:
@@ -257,7 +230,7 @@ def _forward_products(fn, x: Tensor, probes: Tensor, fn_name: str) -> tuple[Tens
         for v in probes:
             v = _like(v, x)
             out = fn(forward_ad.make_dual(x.detach(), v))
-            _check_out(out, x, fn_name)
+            _validate.check_score(out, x, fn_name, exact=False)
             primal, tangent = forward_ad.unpack_dual(out)
             if tangent is None:
                 # fn's output does not depend on x, or it left forward-mode AD (e.g. through .detach()).
@@ -289,11 +262,10 @@ def probe_products(
     differentiable w.r.t. the parameters fn closes over (and x, when x requires grad). ``_fn_name`` names
     fn in error messages (the losses call it score_fn).
     """
-    _check_fn(fn, _fn_name)
+    _validate.function(fn, _fn_name)
     _check_x(x)
     probes = _check_probes(probes, x)
-    if mode not in MODES:
-        raise ValueError(f"mode: expected one of {', '.join(map(repr, MODES))}, got {mode!r}")
+    _validate.choice(mode, "mode", MODES)
     if mode == "auto":
         mode = _auto_mode(create_graph)
     if mode == "forward":
@@ -339,10 +311,9 @@ def hutchinson_divergence(
     differentiable (training objectives such as sliced score matching; reverse mode); otherwise they are
     detached.
     """
-    _check_fn(fn)
+    _validate.function(fn, "fn")
     _check_x(x)
-    if not isinstance(create_graph, bool):
-        raise TypeError(f"create_graph: expected a bool, got {type(create_graph).__name__}")
+    _validate.flag(create_graph, "create_graph")
     if probes is None:
         probes = make_probes(x, n_probes, probe, seed=seed, counter=counter, sample_offset=sample_offset)
     fx, prods = probe_products(fn, x, probes, mode=mode, create_graph=create_graph)

@@ -8,12 +8,14 @@ so it costs no memory traffic, is the same on every backend and every run, and a
 not depend on the batch it is drawn in (the layout: csrc/include/langevin_step_math.h).
 
 This file reads top to bottom:
-1. the generator in pure PyTorch (``counter_randn_ref``): the same bits as the kernels;
+1. the generator in pure PyTorch (``counter_randn_ref``, on fastscore.ops._philox): the same bits as the
+   kernels;
 2. the references: ``langevin_step_ref``, ``langevin_corrector_step_ref``, ``sde_update_ref``;
 3. the custom ops ``fastscore::langevin_step_{update,norms,randn}`` and the implementations each backend
    provides for them (ref, cpp, triton, cuda; chosen per call by fastscore._backend);
-4. the public ``counter_randn``, ``langevin_step_``, ``langevin_corrector_step_`` and ``sde_update_``,
-   which validate their arguments and dispatch.
+4. :class:`FusedUpdate`: the update bound to a sampler's chain (state, noise key, backend chosen once);
+5. the public ``counter_randn``, ``langevin_step_``, ``langevin_corrector_step_`` and ``sde_update_``,
+   which validate their arguments (fastscore._validate, and this op's own checks) and dispatch.
 
 These are sampler updates: they are not differentiable (there is no autograd Function), and they refuse
 inputs that require grad while grad mode is on. Run them under ``torch.no_grad()``.
@@ -22,96 +24,19 @@ inputs that require grad while grad mode is on. Run them under ``torch.no_grad()
 from __future__ import annotations
 
 import math
-import operator
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from fastscore import _backend
-from fastscore.ops import _checks
+from fastscore import _validate
+from fastscore.ops import _philox
 
 OP = "langevin_step"
 
 # ---- 1. the generator ---------------------------------------------------------------------------------
-# Integer arithmetic on uint32 words emulated in int64 tensors (values kept in [0, 2^32)); float arithmetic
-# in float32, one rounding per tensor operation, in exactly the order of csrc/include/langevin_step_math.h.
-
-_MASK32 = 0xFFFFFFFF
-PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
-PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
-_H = float.fromhex  # the constants are exact float32 values, spelled as in the C++ header
-_ATANH_R = [_H(h) for h in ("0x1.30ab7p-2", "0x1.996b86p-2", "0x1.55556cp-1")]  # 2 atanh(s) = 2 s + s^3 R(s^2)
-_LN2_LO, _LN2_HI = _H("-0x1.bd0106p-13"), _H("0x1.63p-1")
-_SIN_P = [_H(h) for h in ("0x1.507834p+5", "-0x1.32d2ccp+6", "0x1.466bc6p+6", "-0x1.4abbcep+5", "0x1.921fb6p+2")]
-_COS_P = [_H(h) for h in ("-0x1.a6d1f2p+4", "0x1.e1f506p+5", "-0x1.55d3c8p+6", "0x1.03c1f0p+6", "-0x1.3bd3ccp+4")]
-
-
-def _mulhilo32(m: int, c: Tensor) -> tuple[Tensor, Tensor]:
-    """(hi, lo) 32-bit halves of the 64-bit product m * c, with every intermediate below 2^49."""
-    t_hi = (c >> 16) * m  # m * c = t_hi * 2^16 + t_lo
-    t_lo = (c & 0xFFFF) * m
-    hi = (t_hi + (t_lo >> 16)) >> 16
-    lo = (((t_hi & 0xFFFF) << 16) + t_lo) & _MASK32
-    return hi, lo
-
-
-def philox4x32_10(c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor, k0: int, k1: int) -> tuple[Tensor, ...]:
-    """Philox4x32-10 (Salmon et al. 2011) of the counter words (int64 tensors holding uint32 values) under
-    the key (k0, k1). Returns the four output words, as int64 tensors in [0, 2^32)."""
-    for _ in range(10):
-        hi0, lo0 = _mulhilo32(PHILOX_M0, c0)
-        hi1, lo1 = _mulhilo32(PHILOX_M1, c2)
-        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-        k0, k1 = (k0 + PHILOX_W0) & _MASK32, (k1 + PHILOX_W1) & _MASK32
-    return c0, c1, c2, c3
-
-
-def _horner(coefs: list[float], t: Tensor) -> Tensor:
-    y = torch.full_like(t, coefs[0])
-    for c in coefs[1:]:
-        y = y * t + c
-    return y
-
-
-def _log_unit(u: Tensor) -> Tensor:
-    """ln u for float32 u in [2^-32, 1]: log_unit of the header (2 atanh((m - 1) / (m + 1)) + k ln 2)."""
-    bits = u.view(torch.int32)
-    k = (bits >> 23) - 127
-    mbits = (bits & 0x007FFFFF) | 0x3F800000
-    high = mbits > 0x3FB504F3
-    mbits = torch.where(high, mbits - 0x00800000, mbits)
-    k = torch.where(high, k + 1, k)
-    m = mbits.view(torch.float32)
-    s = (m - 1.0) / (m + 1.0)
-    w = s * s
-    fk = k.to(torch.float32)
-    y = (s * w) * _horner(_ATANH_R, w) + fk * _LN2_LO
-    y = (s + s) + y
-    return y + fk * _LN2_HI
-
-
-def _sincos_turns(v: Tensor) -> tuple[Tensor, Tensor]:
-    """(sin, cos) of 2 pi v / 2^24 for integers v in [0, 2^24): sincos_turns of the header."""
-    q = (v + (1 << 21)) >> 22
-    t = (v - (q << 22)).to(torch.float32) * 2.0**-24
-    p = t * t
-    st = _horner(_SIN_P, p) * t
-    ct = _horner(_COS_P, p) * p + 1.0
-    swap = (q & 1) != 0
-    cc, ss = torch.where(swap, st, ct), torch.where(swap, ct, st)
-    c = torch.where(((q + 1) & 2) != 0, -cc, cc)
-    s = torch.where((q & 2) != 0, -ss, ss)
-    return s, c
-
-
-def _box_muller(wa: Tensor, wb: Tensor) -> tuple[Tensor, Tensor]:
-    u1 = (wa >> 1).to(torch.float32) * 2.0**-31 + 2.0**-32  # (0, 1]
-    # A correctly rounded float32 sqrt: torch.sqrt on CPU float32 is not (about 1 in 140 results differs);
-    # the float64 root rounded once to float32 is (53 >= 2 * 24 + 2 bits: the double rounding is innocuous).
-    r = torch.sqrt(_log_unit(u1).to(torch.float64) * -2.0).to(torch.float32)
-    s, c = _sincos_turns(wb >> 8)
-    return r * c, r * s
+# Philox4x32-10 + Box-Muller emulated in PyTorch (fastscore.ops._philox): the same bits as every kernel.
 
 
 def _u64(v: int) -> int:
@@ -146,8 +71,8 @@ def counter_randn_ref(
     shape = tuple(int(s) for s in shape)
     N = shape[0]
     D = math.prod(shape[1:])
-    # the rule of every seed (fastscore.ops._checks.seed): numpy integers are Python ints, bools and floats refused
-    seed = _checks.seed(seed)
+    # the rule of every seed (fastscore.ops._validate.seed): numpy integers are Python ints, bools and floats refused
+    seed = _validate.seed(seed)
     if seed is None:
         raise TypeError("seed: expected an integer, got None (counter_randn_ref draws no seed)")
     counter = _integer(counter, "counter", 0, _U64)
@@ -159,16 +84,16 @@ def counter_randn_ref(
     b0, b1 = e0 // 4, (e0 + total + 3) // 4
     block = torch.arange(b0, b1, dtype=torch.int64)
     seed, counter = _u64(seed), _u64(counter)
-    w = philox4x32_10(
-        block & _MASK32,
+    w = _philox.philox4x32_10(
+        block & _philox.MASK32,
         block >> 32,
-        torch.full_like(block, counter & _MASK32),
+        torch.full_like(block, counter & _philox.MASK32),
         torch.full_like(block, counter >> 32),
-        seed & _MASK32,
+        seed & _philox.MASK32,
         seed >> 32,
     )
-    z0, z1 = _box_muller(w[0], w[1])
-    z2, z3 = _box_muller(w[2], w[3])
+    z0, z1 = _philox.box_muller(w[0], w[1])
+    z2, z3 = _philox.box_muller(w[2], w[3])
     z = torch.stack([z0, z1, z2, z3], dim=1).reshape(-1)[e0 - 4 * b0 : e0 - 4 * b0 + total]
     return z.reshape(shape).to(device=device, dtype=dtype)
 
@@ -249,7 +174,7 @@ def langevin_step_ref(
     in float32 (float64 for float64 x) with :math:`\sqrt{2\epsilon}` rounded once, in the same order as
     the kernels. ``seed=None`` with no ``noise`` draws a seed from torch's default generator.
     """
-    seed = _checks.seed(seed)
+    seed = _validate.seed(seed)
     if seed is None and noise is None:
         seed = _draw_seed()
     coef = _langevin_coef(step_size, x.shape[0], acc_dtype(x.dtype), x.device)
@@ -302,7 +227,7 @@ def langevin_corrector_step_ref(
     ``snr``, ``alpha``: floats or (N,) tensors. Norms and :math:`\epsilon` in float64, the update in the
     compute dtype. A sample with :math:`\|g\| = 0` gets an infinite step, as in score_sde.
     """
-    seed = _checks.seed(seed)
+    seed = _validate.seed(seed)
     if seed is None and noise is None:
         seed = _draw_seed()
     z = _noise_for(x, noise, seed, counter, sample_offset)
@@ -335,7 +260,7 @@ def sde_update_ref(
     r"""The generic predictor update of :func:`sde_update_` in plain PyTorch; returns ``(x_new, x_mean)``:
     :math:`x_{mean} = a x + b s`, :math:`x = x_{mean} + c z` with per-sample ``x_scale`` a,
     ``score_scale`` b, ``noise_scale`` c (floats or (N,) tensors)."""
-    seed = _checks.seed(seed)
+    seed = _validate.seed(seed)
     if seed is None and noise is None:
         seed = _draw_seed()
     coef = _sde_coef(x_scale, score_scale, noise_scale, x.shape[0], acc_dtype(x.dtype), x.device)
@@ -420,18 +345,8 @@ def _impl(backend: str) -> _Impl:
 PREFERRED_CUDA = ("cuda", "triton")
 
 
-_chosen: dict[tuple, _Impl] = {}
-
-
 def _impl_for(t: Tensor) -> _Impl:
-    # The choice depends only on the forced backend and the device type (what is built does not change
-    # within a process), so it is made once per pair: a sampler calls this op thousands of times.
-    key = (_backend.forced_backend(), t.device.type)
-    impl = _chosen.get(key)
-    if impl is None:
-        impl = _impl(_backend.select(OP, t.device, cpp_op="langevin_step_update", cuda_order=PREFERRED_CUDA))
-        _chosen[key] = impl
-    return impl
+    return _backend.chosen_impl(OP, t.device, _impl, cpp_op="langevin_step_update", cuda_order=PREFERRED_CUDA)
 
 
 @torch.library.custom_op("fastscore::langevin_step_update", mutates_args=("x", "x_mean"))
@@ -521,7 +436,60 @@ def _randn(out, seed, counter, sample_offset) -> None:
         _impl_for(out).randn(out, seed, counter, sample_offset)
 
 
-# ---- 4. public functions ----------------------------------------------------------------------------------
+# ---- 4. the update bound to a chain (what the samplers use) -----------------------------------------------
+
+
+class FusedUpdate:
+    r"""The fused update bound to one chain: its state ``x`` (updated in place), noise key and backend, checked
+    and chosen once, so that a sampler's step is one call:
+
+    .. math::
+        x_{mean} = a x + b s, \qquad x \leftarrow x_{mean} + c z, \qquad
+        x \leftarrow m \odot k + (1 - m) \odot x \ \text{(with a mask)}
+
+    with ``coef`` the (N, 3) rows (a, b, c) in :attr:`compute_dtype` (one row per sample; a stride-0 view of
+    one row serves a whole batch) and z the counter-based normals of ``(seed, counter)`` at global sample
+    index ``sample_offset + n`` (:func:`counter_randn`), or a given ``noise`` tensor. ``x``: a floating
+    contiguous or channels_last (N, ...) tensor; the scores and noise passed in must be in its layout
+    (:attr:`layout`). ``seed`` (checked by :func:`noise_key`; None draws one, unless ``noise_given``: the
+    caller brings every normal, the seed is unused). No checks per step: what the sampler hands in is its
+    own, already checked, state. Under torch.compile the steps go through the custom ops (traceable);
+    eagerly, straight to the kernels of the backend chosen at construction (the choice costs ~10 us, a
+    large share of a step on a small batch)."""
+
+    def __init__(self, x: Tensor, *, seed, sample_offset: int = 0, noise_given: bool = False):
+        self.layout = _validate.updatable(x)
+        self.x = x
+        self.compute_dtype = acc_dtype(x.dtype)
+        self.seed, _, self.sample_offset = noise_key(
+            seed, 0, sample_offset, x.shape[0], math.prod(x.shape[1:]), draw=not noise_given
+        )
+        self._seed = _wrap(self.seed)
+        self._impl = None if torch.compiler.is_compiling() else _impl_for(x)
+
+    def __call__(self, score: Tensor, coef: Tensor, counter: int, *, noise=None, mask=None, known=None, x_mean=None):
+        """One update of x with the normals of ``counter`` (or ``noise``); ``x_mean`` receives a x + b s;
+        ``mask``, ``known``: (1 or N, ...) tensors in x's dtype and layout."""
+        update = self._impl.update if self._impl is not None else _update
+        update(self.x, score, coef, noise, self._seed, _wrap(counter), self.sample_offset, mask, known, x_mean)
+
+    def norm_partials(self) -> Tensor:
+        """An uninitialised (N, P, 2) float64 buffer for :meth:`norms_into`, with the number of pieces P the
+        chosen backend is fastest with."""
+        return norm_partials(self.x)
+
+    def norms_into(self, score: Tensor, counter: int, partials: Tensor, *, noise=None) -> None:
+        """partials (N, P, 2) <- per sample and piece, the sums of score^2 and z^2 (the noise of ``counter``,
+        or ``noise``), for score_sde's norm-based corrector step. Allocates nothing."""
+        _norms_into(score, noise, self._seed, _wrap(counter), self.sample_offset, partials)
+
+    def randn_into(self, out: Tensor, counter: int) -> Tensor:
+        """out (x's shape) <- the normals of ``counter`` under this chain's key, without allocating."""
+        _randn(out, self._seed, _wrap(counter), self.sample_offset)
+        return out
+
+
+# ---- 5. public functions ----------------------------------------------------------------------------------
 
 _U64 = 1 << 64
 
@@ -531,13 +499,15 @@ def _draw_seed() -> int:
     return int(torch.randint(2**63 - 1, (), dtype=torch.int64).item())
 
 
-_integer = _checks.integer  # v as a Python int in [low, high) (numpy integers too), else an error naming it
+_integer = _validate.integer  # v as a Python int in [low, high) (numpy integers too), else an error naming it
 
 
-def _key(seed, counter, sample_offset, N: int, D: int, draw: bool = True) -> tuple[int, int, int]:
-    """Validated (seed, counter, sample_offset), seed drawn when None (0 when ``draw`` is False: the noise is
-    given, the seed unused); seed and counter wrapped to int64."""
-    seed = _checks.seed(seed)
+def noise_key(seed, counter, sample_offset, N: int, D: int, *, draw: bool = True) -> tuple[int, int, int]:
+    """(seed, counter, sample_offset) of the noise of a batch of N samples of D elements, checked: seed and
+    counter in [0, 2^64), sample_offset >= 0 with the global element index ``(sample_offset + N) * D`` below
+    2^64. A seed is drawn from torch's default generator when None (0 when ``draw`` is False: the noise is
+    given, the seed unused)."""
+    seed = _validate.seed(seed)
     if seed is None:
         seed = _draw_seed() if draw else 0
     counter = _integer(counter, "counter", 0, _U64)
@@ -546,49 +516,15 @@ def _key(seed, counter, sample_offset, N: int, D: int, draw: bool = True) -> tup
         raise ValueError(
             f"sample_offset: the global element index (sample_offset + N) * D = {(sample_offset + N) * D} exceeds 2^64"
         )
-    return _wrap(seed), _wrap(counter), sample_offset
+    return seed, counter, sample_offset
 
 
-def _value_checks() -> bool:
-    # Checks that read tensor values (a device sync) are skipped while torch.compile traces.
-    return not torch.compiler.is_compiling()
-
-
-def _layout_of_x(x: Tensor, name: str) -> torch.memory_format:
-    if x.is_contiguous():
-        return torch.contiguous_format
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    raise ValueError(
-        f"{name}: expected a contiguous or channels_last tensor (it is updated in place, so it is never "
-        f"copied), got strides {tuple(x.stride())} for shape {tuple(x.shape)}"
+def _kernel_key(seed, counter, sample_offset, x_shape, noise) -> tuple[int, int, int]:
+    """:func:`noise_key` as the custom ops take it: seed and counter as int64 words."""
+    seed, counter, sample_offset = noise_key(
+        seed, counter, sample_offset, x_shape[0], math.prod(x_shape[1:]), draw=noise is None
     )
-
-
-def _state(x, name: str = "x") -> torch.memory_format:
-    _checks.floating(_checks.tensor(x, name), name)
-    if x.dim() < 1:
-        raise ValueError(f"{name}: expected a tensor of shape (N, ...), got a 0-d tensor")
-    return _layout_of_x(x, name)
-
-
-def _like_x(t, name: str, x: Tensor, fmt: torch.memory_format) -> Tensor:
-    """t checked to be x's shape, dtype and device, in x's layout (a copy when it is not)."""
-    _checks.floating(_checks.tensor(t, name), name)
-    if t.shape != x.shape:
-        raise ValueError(f"{name}: expected shape {tuple(x.shape)} (as x), got {tuple(t.shape)}")
-    if t.dtype != x.dtype:
-        raise TypeError(f"{name}: expected dtype {x.dtype} (as x), got {t.dtype}")
-    _checks.same_device(t, name, x)
-    return t if t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt)
-
-
-def _no_grad_needed(name: str, *tensors) -> None:
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        raise ValueError(
-            f"{name} is a sampler update and is not differentiable, but an input requires grad: call it under "
-            "torch.no_grad()"
-        )
+    return _wrap(seed), _wrap(counter), sample_offset
 
 
 def _per_sample(v, name: str, x: Tensor, *, nonneg: bool, limit: tuple[float, str] | None = None) -> object:
@@ -601,13 +537,13 @@ def _per_sample(v, name: str, x: Tensor, *, nonneg: bool, limit: tuple[float, st
         limit = (torch.finfo(acc).max, f"larger values are not finite in {_dtype_name(acc)}, the dtype of x's update")
     bound, why = limit
     if isinstance(v, Tensor):
-        _checks.floating(v, name)
+        _validate.floating(v, name)
         if v.shape not in ((N,), ()):
             raise ValueError(
                 f"{name}: expected a float or a tensor of shape ({N},) (one per sample), got shape {tuple(v.shape)}"
             )
-        _checks.same_device(v, name, x)
-        if _value_checks():
+        _validate.same_device(v, name, x)
+        if _validate.values_checkable():
             w = v.detach().to(torch.float64)
             ok = torch.isfinite(w) & (w.abs() <= bound)
             if nonneg:
@@ -629,8 +565,9 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _step_limit(x: Tensor) -> tuple[float, str]:
-    """The largest Langevin step: finite in x's dtype, with 2 step finite in the compute dtype (sqrt(2 step))."""
+def step_limit(x: Tensor) -> tuple[float, str]:
+    """(bound, why): the largest Langevin step for x: finite in x's dtype, with 2 step finite in the compute
+    dtype (the update takes sqrt(2 step))."""
     acc = acc_dtype(x.dtype)
     bound = min(torch.finfo(x.dtype).max, torch.finfo(acc).max / 2)
     d, a = _dtype_name(x.dtype), _dtype_name(acc)
@@ -649,10 +586,10 @@ def _mask_known(mask, known, x: Tensor, fmt: torch.memory_format):
         raise ValueError("mask: given without known (x = mask * known + (1 - mask) * x needs both)")
     out = []
     for t, name in ((mask, "mask"), (known, "known")):
-        _checks.tensor(t, name)
+        _validate.tensor(t, name)
         if t.dtype != torch.bool:
-            _checks.floating(t, name)
-        _checks.same_device(t, name, x)
+            _validate.floating(t, name)
+        _validate.same_device(t, name, x)
         try:
             full = torch.broadcast_to(t, x.shape)
         except RuntimeError:
@@ -660,18 +597,9 @@ def _mask_known(mask, known, x: Tensor, fmt: torch.memory_format):
         shared = x.shape[0] == 1 or full.stride(0) == 0
         rows = full[:1] if shared else full
         out.append(rows.to(x.dtype).contiguous(memory_format=fmt))
-    if _value_checks() and mask.dtype != torch.bool and not bool(((mask >= 0) & (mask <= 1)).all()):
+    if _validate.values_checkable() and mask.dtype != torch.bool and not bool(((mask >= 0) & (mask <= 1)).all()):
         raise ValueError("mask: expected values in [0, 1]")
     return out[0], out[1]
-
-
-def _x_mean_out(x_mean, x: Tensor) -> Tensor | None:
-    if x_mean is None:
-        return None
-    _checks.output(x_mean, x, "x_mean")
-    if x_mean.data_ptr() == x.data_ptr() and x.numel():
-        raise ValueError("x_mean: expected a tensor other than x (x is updated in place)")
-    return x_mean
 
 
 def counter_randn(
@@ -693,17 +621,9 @@ def counter_randn(
     float32 values, converted to ``dtype``. ``seed`` (0 <= seed < 2^64) and ``counter`` (0 <= counter <
     2^64) are integers; ``seed=None`` draws one from torch's default generator.
     """
-    if isinstance(shape, int):
-        shape = (shape,)
-    try:
-        shape = tuple(operator.index(s) for s in shape)
-    except TypeError:
-        raise TypeError(f"shape: expected a sequence of integers, got {shape!r}") from None
-    if len(shape) < 1 or any(s < 0 for s in shape):
-        raise ValueError(f"shape: expected (N, ...) with non-negative sizes, got {shape}")
-    if dtype not in _checks.FLOAT_DTYPES:
-        raise TypeError(f"dtype: expected float16, bfloat16, float32 or float64, got {dtype}")
-    seed, counter, sample_offset = _key(seed, counter, sample_offset, shape[0], math.prod(shape[1:]))
+    shape = _validate.shape(shape)
+    _validate.float_dtype(dtype)
+    seed, counter, sample_offset = _kernel_key(seed, counter, sample_offset, shape, None)
     out = torch.empty(shape, dtype=dtype, device=device)
     if out.numel():
         _randn(out, seed, counter, sample_offset)
@@ -748,15 +668,15 @@ def langevin_step_(
     Not differentiable: a sampler update, run it under ``torch.no_grad()`` (an input that requires grad
     in grad mode is an error). Every argument is checked before x is touched.
     """
-    fmt = _state(x)
-    score = _like_x(score, "score", x, fmt)
-    _no_grad_needed("langevin_step_", x, score, noise)
-    step_size = _per_sample(step_size, "step_size", x, nonneg=True, limit=_step_limit(x))
+    fmt = _validate.updatable(x)
+    score = _validate.like(score, "score", x, fmt)
+    _validate.no_grad_needed("langevin_step_", x, score, noise)
+    step_size = _per_sample(step_size, "step_size", x, nonneg=True, limit=step_limit(x))
     if noise is not None:
-        noise = _like_x(noise, "noise", x, fmt)
+        noise = _validate.like(noise, "noise", x, fmt)
     mask, known = _mask_known(mask, known, x, fmt)
     N = x.shape[0]
-    seed, counter, sample_offset = _key(seed, counter, sample_offset, N, math.prod(x.shape[1:]), noise is None)
+    seed, counter, sample_offset = _kernel_key(seed, counter, sample_offset, x.shape, noise)
     if x.numel() == 0:
         return x
     coef = _langevin_coef(step_size, N, acc_dtype(x.dtype), x.device)
@@ -800,18 +720,17 @@ def langevin_corrector_step_(
     infinite step, as in score_sde.
     Shapes, dtypes, layouts and the no-grad rule as :func:`langevin_step_`.
     """
-    fmt = _state(x)
-    score = _like_x(score, "score", x, fmt)
-    _no_grad_needed("langevin_corrector_step_", x, score, noise)
+    fmt = _validate.updatable(x)
+    score = _validate.like(score, "score", x, fmt)
+    _validate.no_grad_needed("langevin_corrector_step_", x, score, noise)
     snr = _per_sample(snr, "snr", x, nonneg=True)
     alpha = _per_sample(alpha, "alpha", x, nonneg=True)
     if not isinstance(per_sample, bool):
         raise TypeError(f"per_sample: expected a bool, got {type(per_sample).__name__}")
     if noise is not None:
-        noise = _like_x(noise, "noise", x, fmt)
-    x_mean = _x_mean_out(x_mean, x)
-    N = x.shape[0]
-    seed, counter, sample_offset = _key(seed, counter, sample_offset, N, math.prod(x.shape[1:]), noise is None)
+        noise = _validate.like(noise, "noise", x, fmt)
+    x_mean = _validate.other_output(x_mean, x, "x_mean")
+    seed, counter, sample_offset = _kernel_key(seed, counter, sample_offset, x.shape, noise)
     if x.numel() == 0:
         return x
     sums = _norms(score, noise, seed, counter, sample_offset)
@@ -864,17 +783,17 @@ def sde_update_(
     ``discretize``). The probability flow ODE's Euler step is b halved and c = 0. These are score_sde's
     updates up to the order of rounding (its ancestral VP predictor divides after the sum).
     """
-    fmt = _state(x)
-    score = _like_x(score, "score", x, fmt)
-    _no_grad_needed("sde_update_", x, score, noise)
+    fmt = _validate.updatable(x)
+    score = _validate.like(score, "score", x, fmt)
+    _validate.no_grad_needed("sde_update_", x, score, noise)
     a = _per_sample(x_scale, "x_scale", x, nonneg=False)
     b = _per_sample(score_scale, "score_scale", x, nonneg=False)
     c = _per_sample(noise_scale, "noise_scale", x, nonneg=False)
     if noise is not None:
-        noise = _like_x(noise, "noise", x, fmt)
-    x_mean = _x_mean_out(x_mean, x)
+        noise = _validate.like(noise, "noise", x, fmt)
+    x_mean = _validate.other_output(x_mean, x, "x_mean")
     N = x.shape[0]
-    seed, counter, sample_offset = _key(seed, counter, sample_offset, N, math.prod(x.shape[1:]), noise is None)
+    seed, counter, sample_offset = _kernel_key(seed, counter, sample_offset, x.shape, noise)
     if x.numel() == 0:
         return x
     coef = _sde_coef(a, b, c, N, acc_dtype(x.dtype), x.device)

@@ -1,0 +1,328 @@
+"""Sampling a trained model as its config says: what ``fastscore sample``, ``fastscore likelihood``, the demo
+and the training loop (its snapshot grids and its continuous-time loss) share, in one place.
+
+Given a model, its config (an ncsnv2-style namespace) and its run metadata (the dict ``fastscore train`` keeps
+in a checkpoint; of it only ``"loss"`` is read), this module
+
+* maps a continuous time ``t`` to the model's noise label, :func:`time_to_label` (score_sde's rule for the
+  discrete NCSN models), and says whether the network takes the time itself instead, :func:`takes_time`;
+* builds the VE SDE spanning the model's noise levels, with the score function ``s(x, t)`` that the
+  predictor-corrector and ODE samplers, the likelihood and the continuous-time loss call, :func:`sde_for`;
+* starts and runs the samplers: annealed Langevin (:func:`annealed_langevin_sample`, which is
+  :func:`fastscore.train.sample`), inpainting (:func:`inpaint`), predictor-corrector and the probability-flow
+  ODE, behind one entry point, :func:`sample`, that returns the samples in data space.
+
+Every sample depends only on (seed, its index among the ``n``): :func:`sample` with ``rows`` computes a shard of
+a run (the rows it names, bitwise the values those rows have in the whole run), which is how
+:mod:`fastscore.distributed` splits a job across processes. For that the network is evaluated on at least
+:data:`MIN_ROWS` rows (:func:`batch_invariant`).
+
+The samplers themselves are reached only through their public functions (fastscore.sampling, fastscore.sde).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastscore.data.images import data_transform
+from fastscore.data.images import inverse_data_transform
+from fastscore.models import get_sigmas
+from fastscore.models.configs import field
+
+SAMPLERS = ("ald", "pc", "ode")
+
+# The predictor-corrector sampler needs about 3 time steps per noise level of a label-conditioned model:
+# on the shipped digits model (16 levels) 20 and 32 steps leave salt-and-pepper noise (mean difference of
+# neighbouring pixels 0.33 and 0.26, against 0.09 for the data), 40 a visible grain (0.11), 50 and 100 give
+# clean digits (0.088, 0.084); the reverse-diffusion predictor alone is the noisy part.
+PC_STEPS_PER_LEVEL = 3
+PC_SNR = 0.16  # the corrector's signal-to-noise ratio (score_sde's for the VE SDE)
+ODE_TOLERANCE = 1e-3  # rtol = atol of the probability-flow ODE sampler
+# The network sees at least this many rows (batch_invariant): on the CPU, MKL's matrix product (the ScoreMLP) takes
+# another code path for 1 to 3 rows and oneDNN's convolutions (NCSNv2) for 1 row, and their results differ in the
+# last bits from a row's result in a larger batch; from 4 rows on, a row's result depends neither on the batch size
+# nor on its position (measured on torch 2.13's CPU build, one and two threads).
+MIN_ROWS = 4
+
+
+def pc_default_steps(levels: int) -> int:
+    """The predictor-corrector sampler's default number of time steps: 3 per noise level, at least 100."""
+    return max(PC_STEPS_PER_LEVEL * levels, 100)
+
+
+def is_toy(config) -> bool:
+    """Is the config's model the toy ScoreMLP (2-D points) rather than an image network?"""
+    return field(config, "model.arch", "any", None) == "ScoreMLP"
+
+
+def batch_invariant(fn, min_rows: int = MIN_ROWS):
+    """``fn(x, c)`` (a network or score function of a batch and its labels or times) evaluated on at least
+    ``min_rows`` rows: a smaller batch is padded with copies of its last row (in x's memory format) and the
+    padding's results are dropped. Then a sample's score does not depend on how many samples share its batch
+    (see :data:`MIN_ROWS`): an ODE run, whose batch shrinks as samples finish, and a shard of a run give each
+    sample bitwise the values it gets in the whole run. Costs nothing from ``min_rows`` rows on; functional
+    (``torch.cat``), so autograd and the divergence products see through it."""
+
+    def call(x: Tensor, c: Tensor) -> Tensor:
+        n = x.shape[0]
+        if n >= min_rows or n == 0:
+            return fn(x, c)
+        extra = min_rows - n
+        fmt = (
+            torch.channels_last
+            if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+            else torch.contiguous_format
+        )
+        xp = torch.cat([x, x[-1:].expand(extra, *x.shape[1:])]).contiguous(memory_format=fmt)
+        cp = torch.cat([c, c[-1:].expand(extra)])
+        return fn(xp, cp)[:n]
+
+    for name in ("conditioning",):  # what takes_time reads from a model
+        if hasattr(fn, name):
+            setattr(call, name, getattr(fn, name))
+    return call
+
+
+def check_rows(rows, n: int) -> range:
+    """``rows`` as a ``range`` of consecutive sample indices within ``[0, n)`` (None: all ``n``); ValueError
+    naming ``rows`` otherwise."""
+    if rows is None:
+        return range(n)
+    if not isinstance(rows, range) or rows.step != 1 or not 0 <= rows.start <= rows.stop <= n:
+        raise ValueError(f"rows: expected a range of consecutive indices within [0, {n}) (a shard), got {rows!r}")
+    return rows
+
+
+# ---- time <-> noise level ---------------------------------------------------------------------------------------
+
+
+def time_to_label(t: Tensor, T: float, levels: int) -> Tensor:
+    """The noise label, at the VE SDE's time ``t``, of a network trained on ``levels`` discrete noise levels
+    (geometric, largest first, spanned by the SDE): the nearest level, ``round((T - t)(L - 1))``, as score_sde
+    feeds its discrete NCSN models (exact on the levels' own times), clamped to ``[0, L - 1]``.
+
+    The clamp is right for such a network: it has one entry per level (NCSN's label embedding, NCSNv2's
+    ``sigmas[labels]``) and nothing beyond, so the nearest level is the best it can do for a time outside
+    ``[0, T]`` (an adaptive ODE step or a caller's time grid overshooting either end), where the unclamped index
+    would run past the table (an IndexError) or, negative, wrap round to the other end of it. Inside ``[0, T]``
+    the clamp changes no label, so the continuous-time loss, whose times lie in ``[eps, T]``, trains bitwise as
+    it did unclamped."""
+    return torch.round((T - t) * (levels - 1)).long().clamp_(0, levels - 1)
+
+
+def takes_time(model, config, meta: dict | None = None) -> bool:
+    """Does the network take the SDE's time (a ScoreMLP trained with loss ``"sde"``, which learns
+    ``sigma_t * score``) rather than a noise label? The model says so when it can (``ScoreMLP.conditioning``;
+    a torch.compile wrapper passes the attribute on), else the run does (its config's architecture and the loss
+    in ``meta``)."""
+    conditioning = getattr(model, "conditioning", None)
+    if conditioning is not None:
+        return conditioning == "time"
+    return is_toy(config) and (meta or {}).get("loss") == "sde"
+
+
+def sde_for(model, config, meta: dict | None = None, n_steps: int | None = None):
+    """``(score_fn(x, t), sde)`` for the PC / ODE samplers, the likelihood and the continuous-time loss: the VE
+    SDE spanning the model's noise levels (``sigma_min, sigma_max = sigma_L, sigma_1``) with ``n_steps`` time
+    steps (default :func:`pc_default_steps`). A label-conditioned network gets the nearest level
+    (:func:`time_to_label`); a time-conditioned one the time, its output divided by ``sigma_t`` (score_sde's
+    ``scale_by_sigma``)."""
+    from fastscore.sde import VESDE
+
+    sigmas = get_sigmas(config).cpu()
+    levels = len(sigmas)
+    sde = VESDE(sigma_min=float(sigmas[-1]), sigma_max=float(sigmas[0]), N=n_steps or pc_default_steps(levels))
+    if takes_time(model, config, meta):
+        return (lambda x, t: model(x, t) / sde.marginal_prob(x, t)[1][:, None]), sde
+    return (lambda x, t: model(x, time_to_label(t, sde.T, levels))), sde
+
+
+def _label_score(model, config, meta: dict | None, sigmas: Tensor):
+    """``score(x, labels)`` for annealed Langevin: the model itself, or for a time-conditioned one
+    (:func:`takes_time`) the time of each level (the time whose marginal std is ``sigma_i``:
+    ``sigma_t = sigma_L (sigma_1 / sigma_L)^t``) and the output divided by ``sigma_i``."""
+    if not takes_time(model, config, meta):
+        return model
+    span = torch.log(sigmas[0] / sigmas[-1])
+    times = torch.log(sigmas / sigmas[-1]) / span if float(span) > 0 else torch.ones_like(sigmas)
+
+    def score(h, labels):
+        return model(h, times[labels].to(h.dtype)) / sigmas[labels, None].to(h.dtype)
+
+    return score
+
+
+# ---- samples ------------------------------------------------------------------------------------------------------
+
+
+def _shape(config, n: int) -> tuple[int, ...]:
+    if is_toy(config):
+        return (n, field(config, "data.dim", "int+"))
+    return (n, config.data.channels, config.data.image_size, config.data.image_size)
+
+
+def _start(config, n: int, seed: int) -> Tensor:
+    """ncsnv2's start, from ``seed``: ``U[0, 1)`` images through ``data_transform``, or ``sigma_1 z`` for
+    vectors."""
+    gen = torch.Generator().manual_seed(seed)
+    if is_toy(config):
+        return torch.randn(_shape(config, n), generator=gen) * float(get_sigmas(config)[0])
+    return data_transform(config, torch.rand(_shape(config, n), generator=gen))
+
+
+def _to_data(config, x: Tensor) -> Tensor:
+    """Samples in data space: images mapped back to [0, 1] (``inverse_data_transform``), toy points as they are."""
+    return x if is_toy(config) else inverse_data_transform(config, x)
+
+
+def langevin_settings(config, n_steps_each: int | None = None, step_lr: float | None = None) -> tuple[int, float]:
+    """``(n_steps_each, step_lr)``: the given ones, else ``config.sampling``'s, else ncsnv2's defaults."""
+    return (
+        n_steps_each or field(config, "sampling.n_steps_each", "int+", 100),
+        step_lr or field(config, "sampling.step_lr", "number+", 2e-5),
+    )
+
+
+@torch.no_grad()
+def annealed_langevin_sample(
+    model,
+    config,
+    n: int,
+    *,
+    seed: int = 0,
+    n_steps_each: int | None = None,
+    step_lr: float | None = None,
+    denoise: bool | None = None,
+    progress: bool = False,
+    init: Tensor | None = None,
+    meta: dict | None = None,
+    sample_offset: int = 0,
+) -> Tensor:
+    """``n`` samples by ncsnv2's annealed Langevin dynamics (``config.sampling`` unless overridden), on the
+    model's device, in data space. Start: ``init``, or ncsnv2's from ``seed`` (:func:`_start`). ``meta``: the
+    run's metadata, for :func:`takes_time`. ``sample_offset``: the global index of the first sample (a shard of
+    a larger run, whose start ``init`` gives: the rows of the whole run's start)."""
+    from fastscore.sampling import annealed_langevin
+
+    sigmas = get_sigmas(config).cpu()
+    n_steps_each, step_lr = langevin_settings(config, n_steps_each, step_lr)
+    if denoise is None:
+        denoise = field(config, "sampling.denoise", "bool", True)
+    device = next(model.parameters()).device
+    x = init if init is not None else _start(config, n, seed)
+    levels = sigmas.to(device)
+    out = annealed_langevin(
+        batch_invariant(_label_score(model, config, meta, levels)), x.to(device), levels, n_steps_each=n_steps_each,
+        step_lr=step_lr, denoise=denoise, seed=seed, progress=progress, sample_offset=sample_offset,
+    )  # fmt: skip
+    return _to_data(config, out)
+
+
+@torch.no_grad()
+def inpaint(
+    model,
+    config,
+    known: Tensor,
+    mask: Tensor,
+    *,
+    seed: int = 0,
+    n_steps_each: int | None = None,
+    step_lr: float | None = None,
+    progress: bool = False,
+    rows: range | None = None,
+) -> Tensor:
+    """The unknown part (``mask == 0``) of the images ``known`` (in the model's input space, after
+    ``data_transform``) filled in by ncsnv2's annealed Langevin inpainting (``config.sampling``'s steps unless
+    overridden, with the final denoising step), in [0, 1]. ``rows``: only those images of ``known`` (a shard:
+    their values in the whole run)."""
+    from fastscore.sampling import annealed_langevin_inpainting
+
+    n_steps_each, step_lr = langevin_settings(config, n_steps_each, step_lr)
+    rows = check_rows(rows, len(known))
+    start = _start(config, len(known), seed)[rows.start : rows.stop]
+    if mask.dim() == known.dim() and mask.shape[0] == len(known) and len(known) > 1:
+        mask = mask[rows.start : rows.stop]
+    known = known[rows.start : rows.stop]
+    if not len(rows):
+        return _to_data(config, start)
+    out = annealed_langevin_inpainting(
+        batch_invariant(model), start, known, mask, get_sigmas(config).cpu(), n_steps_each=n_steps_each,
+        step_lr=step_lr, denoise=True, seed=seed, progress=progress, sample_offset=rows.start,
+    )  # fmt: skip
+    return _to_data(config, out)
+
+
+@torch.no_grad()
+def sample(
+    model,
+    config,
+    n: int,
+    *,
+    sampler: str = "ald",
+    meta: dict | None = None,
+    seed: int = 0,
+    n_steps_each: int | None = None,
+    step_lr: float | None = None,
+    sde_steps: int | None = None,
+    snr: float = PC_SNR,
+    known: Tensor | None = None,
+    mask: Tensor | None = None,
+    progress: bool = False,
+    rows: range | None = None,
+) -> Tensor:
+    """``n`` samples of a trained model in data space ([0, 1] for images, points for a toy) by ``sampler``:
+
+    * ``"ald"``: ncsnv2's annealed Langevin dynamics (:func:`annealed_langevin_sample`; ``n_steps_each`` and
+      ``step_lr`` default to ``config.sampling``'s); with ``known`` and ``mask``, inpainting (:func:`inpaint`);
+    * ``"pc"``: score_sde's predictor-corrector sampler (``sde_steps`` time steps, default
+      :func:`pc_default_steps`; corrector ``snr``);
+    * ``"ode"``: the probability-flow ODE (rtol = atol = 1e-3).
+
+    ``meta``: the run's metadata (a checkpoint's), for :func:`takes_time`. All noise comes from ``seed``.
+
+    ``rows`` (a ``range`` within ``[0, n)``): compute only those samples of the ``n`` -- bitwise the rows
+    ``rows`` of the whole run's result on the same machine and thread count, since a sample's start and noise
+    depend only on (seed, its index) and the network is evaluated batch-invariantly (:func:`batch_invariant`).
+    Returns ``len(rows)`` samples. :func:`fastscore.distributed.sample` runs one shard per process and gathers
+    them."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler: expected one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    if mask is not None:
+        if sampler != "ald" or known is None:
+            raise ValueError("inpainting (mask) runs annealed Langevin dynamics (sampler 'ald') on images (known)")
+        return inpaint(
+            model, config, known, mask, seed=seed, n_steps_each=n_steps_each, step_lr=step_lr, progress=progress,
+            rows=rows,
+        )  # fmt: skip
+    rows = check_rows(rows, n)
+    if not len(rows):  # an empty shard (more processes than samples)
+        return _to_data(config, torch.zeros(_shape(config, 0), device=_device(model)))
+    if sampler == "ald":
+        init = None if len(rows) == n else _start(config, n, seed)[rows.start : rows.stop]
+        return annealed_langevin_sample(
+            model, config, len(rows), seed=seed, n_steps_each=n_steps_each, step_lr=step_lr, progress=progress,
+            meta=meta, init=init, sample_offset=rows.start,
+        )  # fmt: skip
+    score_fn, sde = sde_for(model, config, meta, sde_steps)
+    score_fn = batch_invariant(score_fn)
+    shape = _shape(config, len(rows))
+    if sampler == "pc":
+        from fastscore.sampling import pc_sampler
+
+        out = pc_sampler(score_fn, sde, shape, snr=snr, seed=seed, progress=progress, sample_offset=rows.start)
+    else:
+        from fastscore.sampling import ode_sampler
+
+        out = ode_sampler(
+            score_fn, sde, shape, seed=seed, rtol=ODE_TOLERANCE, atol=ODE_TOLERANCE, progress=progress,
+            sample_offset=rows.start,
+        )  # fmt: skip
+    return _to_data(config, out)
+
+
+def _device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
