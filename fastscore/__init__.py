@@ -13,7 +13,8 @@ Main entry points:
     fastscore.nn            the drop-in layers (ConditionalInstanceNorm2dPlus, CondRefineBlock, ...)
     fastscore.ops           the fused functional ops (cond_instance_norm, crp_pool, elu, langevin_step_, ...),
                             each with its reference <op>_ref; differentiable, torch.compile-able
-    fastscore.sampling      langevin, annealed_langevin(_inpainting), pc_sampler, ode_sampler
+    fastscore.sampling      langevin, annealed_langevin(_inpainting), pc_sampler, pc_inpaint, pc_colorize,
+                            classifier_guidance, ode_sampler
     fastscore.ode           solve_ivp (adaptive Runge-Kutta on tensors, per sample), ode_sampler
     fastscore.noise         the counter-based normals every sampler draws, and caller-given noise sources
     fastscore.likelihood    log_likelihood, bits_per_dim (the probability-flow ODE)

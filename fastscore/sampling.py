@@ -84,6 +84,9 @@ __all__ = [
     "annealed_langevin",
     "annealed_langevin_inpainting",
     "pc_sampler",
+    "pc_inpaint",
+    "pc_colorize",
+    "classifier_guidance",
     "ode_sampler",
     "PREDICTORS",
     "CORRECTORS",
@@ -652,6 +655,36 @@ def pc_sampler(
       (after the score, except the Euler-Maruyama predictor, which draws before it; the probability-flow
       predictors draw too and multiply the draw by 0, as score_sde's).
     """
+    settings = _pc_settings(
+        score_fn, sde, predictor, corrector, snr, n_corrector_steps, denoise, probability_flow, batch_norm_step,
+        progress, return_intermediates, intermediate_every, eps,
+    )  # fmt: skip
+    if x_init is not None:
+        x0 = _validate.batch(x_init, "x_init", min_dim=2, non_empty=True)
+        shape = tuple(x0.shape)
+    else:
+        shape = _validate.shape(shape)
+        if len(shape) < 2 or math.prod(shape) == 0:
+            raise ValueError(f"shape: expected a non-empty (N, ...) shape with at least 2 dims, got {shape}")
+        _validate.float_dtype(dtype)
+    given = noise_lib.source(noise)
+    seed, sample_offset = noise_lib.chain_key(seed, sample_offset, shape, given)
+    with torch.no_grad():
+        if x_init is not None:
+            x = _start(x0)
+        else:
+            x = noise_lib.prior(
+                sde, shape, seed=seed, sample_offset=sample_offset, given=given, dtype=dtype, device=device
+            )
+        chain = _Chain(x, seed, sample_offset, return_intermediates, settings["every"], given)
+        return _pc_run(score_fn, sde, chain, settings, "pc sampler")
+
+
+def _pc_settings(
+    score_fn, sde, predictor, corrector, snr, n_corrector_steps, denoise, probability_flow, batch_norm_step,
+    progress, return_intermediates, intermediate_every, eps,
+) -> dict:  # fmt: skip
+    """The PC samplers' shared arguments, checked."""
     _validate.function(score_fn, "score_fn")
     sde = sde_lib.check_sde(sde, schedules=True)
     predictor = _validate.choice(predictor, "predictor", PREDICTORS)
@@ -668,60 +701,285 @@ def pc_sampler(
     if predictor == "ancestral" and probability_flow:
         raise ValueError("probability_flow: the ancestral predictor has no probability-flow form")
     eps = sde_lib.sampling_eps(sde, eps)
-    if x_init is not None:
-        x0 = _validate.batch(x_init, "x_init", min_dim=2, non_empty=True)
-        shape = tuple(x0.shape)
-    else:
-        shape = _validate.shape(shape)
-        if len(shape) < 2 or math.prod(shape) == 0:
-            raise ValueError(f"shape: expected a non-empty (N, ...) shape with at least 2 dims, got {shape}")
-        _validate.float_dtype(dtype)
-    given = noise_lib.source(noise)
-    seed, sample_offset = noise_lib.chain_key(seed, sample_offset, shape, given)
+    return dict(
+        predictor=predictor, corrector=corrector, snr=snr, n_corrector_steps=n_corrector_steps, denoise=denoise,
+        probability_flow=probability_flow, batch_norm_step=batch_norm_step, progress=progress, every=every, eps=eps,
+    )  # fmt: skip
 
-    ts, idx = _time_grid(sde, eps)
-    with torch.no_grad():
-        if x_init is not None:
-            x = _start(x0)
+
+class _Replacement:
+    r"""score_sde's conditioning of the PC sampler on known entries (its ``pc_inpainter`` / ``pc_colorizer``):
+    after every corrector and predictor update, the entries where ``mask`` is 1 are replaced by the data
+    diffused to the current time, :math:`m(t)\,d + s(t)\,z` with fresh normals z (drawn after the update's
+    own, in score_sde's order; from the counter stream ``KNOWN_COUNTER + j`` for draw j). The replacement
+    is the fused update's mask path: one pass per update."""
+
+    def __init__(self, chain: _Chain, sde, data: Tensor, mask: Tensor):
+        self.chain, self.sde = chain, sde
+        self.data = data.contiguous(memory_format=chain.fmt)
+        self.mask = mask.to(chain.x.dtype).contiguous(memory_format=chain.fmt)
+        self.known = torch.empty_like(chain.x)
+        self.draws = 0
+
+    def mean_std(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        mean, std = self.sde.marginal_prob(self.data, t)
+        return mean, std.to(self.data.dtype).reshape((-1,) + (1,) * (self.data.dim() - 1))
+
+    def perturbed(self, t: Tensor) -> Tensor:
+        """The known entries' values at time t for the next update (fresh noise)."""
+        mean, std = self.mean_std(t)
+        chain = self.chain
+        if chain.outside is None:
+            chain.update.randn_into(self.known, noise_lib.KNOWN_COUNTER + self.draws)
         else:
-            x = noise_lib.prior(
-                sde, shape, seed=seed, sample_offset=sample_offset, given=given, dtype=dtype, device=device
-            )
-        chain = _Chain(x, seed, sample_offset, return_intermediates, every, given)
-        N = chain.N
-        t_buf = torch.empty(N, dtype=x.dtype if x.dtype == torch.float64 else torch.float32, device=x.device)
-        pred_rows = (
-            chain.rows(_predictor_table(sde, predictor, ts, idx, probability_flow)) if predictor != "none" else []
-        )
-        batch_steps = corrector == "langevin" and batch_norm_step
-        if corrector != "none":
-            alphas = _corrector_alpha(sde, idx)
-            if batch_steps:
-                corr_steps = _BatchNormSteps(chain, snr, alphas)
-            else:
-                corr_rows = chain.rows([_langevin_row(e) for e in _expected_norm_steps(sde, ts, alphas, snr)])
-        n_corr = 0 if corrector == "none" else n_corrector_steps
-        x_mean = torch.empty_like(x) if denoise and predictor != "none" else None
-        bar = _progress_bar(len(ts), progress, "pc sampler")
-        try:
-            for i, t in enumerate(ts):
-                t_buf.fill_(t)
-                for _ in range(n_corr):
-                    score = chain.score(score_fn(x, t_buf))
-                    if batch_steps:
-                        z = chain.noise()
-                        chain.step(score, corr_steps(chain, score, i, z), z=z)
-                    else:
-                        chain.step(score, corr_rows[i])
-                if predictor != "none":
-                    if predictor == "euler_maruyama":
-                        chain.draw()  # score_sde's Euler-Maruyama predictor draws its noise before the score
-                    score = chain.score(score_fn(x, t_buf))
-                    last = i == len(ts) - 1
-                    chain.step(score, pred_rows[i], x_mean=x_mean if last else None)
-                chain.stepped()
-                chain.snapshot()
-                bar.update()
-        finally:
-            bar.close()
+            chain.draw()  # score_sde draws the update's noise first, then the data's
+            z = chain.outside.fill(self.known)
+            if z is not self.known:
+                self.known.copy_(z)
+        self.draws += 1
+        return self.known.mul_(std).add_(mean)
+
+
+def _pc_run(score_fn, sde, chain: _Chain, cfg: dict, desc: str, replace: _Replacement | None = None):
+    """The PC loop of :func:`pc_sampler` (and, with ``replace``, of :func:`pc_inpaint` / :func:`pc_colorize`)
+    from the chain's state; under torch.no_grad()."""
+    x = chain.x
+    predictor, corrector = cfg["predictor"], cfg["corrector"]
+    ts, idx = _time_grid(sde, cfg["eps"])
+    N = chain.N
+    t_buf = torch.empty(N, dtype=x.dtype if x.dtype == torch.float64 else torch.float32, device=x.device)
+    pred_rows = (
+        chain.rows(_predictor_table(sde, predictor, ts, idx, cfg["probability_flow"])) if predictor != "none" else []
+    )
+    batch_steps = corrector == "langevin" and cfg["batch_norm_step"]
+    if corrector != "none":
+        alphas = _corrector_alpha(sde, idx)
+        if batch_steps:
+            corr_steps = _BatchNormSteps(chain, cfg["snr"], alphas)
+        else:
+            corr_rows = chain.rows([_langevin_row(e) for e in _expected_norm_steps(sde, ts, alphas, cfg["snr"])])
+    n_corr = 0 if corrector == "none" else cfg["n_corrector_steps"]
+    x_mean = torch.empty_like(x) if cfg["denoise"] and predictor != "none" else None
+    mask = replace.mask if replace is not None else None
+
+    def known() -> Tensor | None:
+        return replace.perturbed(t_buf) if replace is not None else None
+
+    bar = _progress_bar(len(ts), cfg["progress"], desc)
+    try:
+        for i, t in enumerate(ts):
+            t_buf.fill_(t)
+            for _ in range(n_corr):
+                score = chain.score(score_fn(x, t_buf))
+                if batch_steps:
+                    chain.draw()  # the update's normals, then the known part's (score_sde's order)
+                    k = known()
+                    z = chain.noise()
+                    chain.step(score, corr_steps(chain, score, i, z), z=z, mask=mask, known=k)
+                else:
+                    k = known()
+                    chain.step(score, corr_rows[i], mask=mask, known=k)
+            if predictor != "none":
+                if predictor == "euler_maruyama":
+                    chain.draw()  # score_sde's Euler-Maruyama predictor draws its noise before the score
+                score = chain.score(score_fn(x, t_buf))
+                last = i == len(ts) - 1
+                k = known()
+                chain.step(score, pred_rows[i], x_mean=x_mean if last else None, mask=mask, known=k)
+            chain.stepped()
+            chain.snapshot()
+            bar.update()
+    finally:
+        bar.close()
+    if x_mean is not None and replace is not None:
+        # The known entries of the denoised result: the data's mean at the last time (score_sde writes the
+        # noisy state, not its mean, into the unknown entries here: the denoised output keeps the mean).
+        x_mean.lerp_(replace.mean_std(t_buf)[0], replace.mask)
     return chain.result(x_mean if x_mean is not None else x)
+
+
+# ---- controllable generation (score_sde's inpainting, colorization; classifier guidance) --------------------
+
+
+def _condition(t, name: str, x: Tensor) -> Tensor:
+    _validate.tensor(t, name)
+    if t.dtype != torch.bool:
+        _validate.floating(t, name)
+    _validate.same_device(t, name, x)
+    try:
+        return torch.broadcast_to(t, x.shape)
+    except RuntimeError:
+        raise ValueError(f"{name}: shape {tuple(t.shape)} does not broadcast to {tuple(x.shape)}") from None
+
+
+def pc_inpaint(
+    score_fn,
+    sde,
+    known: Tensor,
+    mask: Tensor,
+    *,
+    predictor: str = "reverse_diffusion",
+    corrector: str = "langevin",
+    snr: float = 0.16,
+    n_corrector_steps: int = 1,
+    denoise: bool = True,
+    seed: int | None = None,
+    noise=None,
+    eps: float | None = None,
+    probability_flow: bool = False,
+    batch_norm_step: bool = False,
+    progress: bool = False,
+    return_intermediates: bool = False,
+    intermediate_every: int = 1,
+    sample_offset: int = 0,
+):
+    r"""score_sde's predictor-corrector inpainter (``get_pc_inpainter``): samples the entries where ``mask``
+    is 0 given ``known`` (N, ...) on the entries where it is 1.
+
+    The start is ``known`` on the mask and the prior draw elsewhere; then the PC loop of :func:`pc_sampler`
+    (the same arguments and defaults), and after every corrector and predictor update the masked entries
+    are replaced by the data diffused to the current time, :math:`m(t)\,k + s(t)\,z` (``sde.marginal_prob``;
+    fresh normals each time). ``mask``: broadcastable to ``known`` (e.g. (1, 1, H, W)), 1 (or True) on the
+    known entries, values in [0, 1]. Returns the batch (the last predictor's mean when ``denoise``, with the
+    known entries at the data's mean at the last time).
+
+    Replacing the known part by a diffused copy of it is an approximation of sampling the conditional
+    :math:`p(x_u \mid x_k)`: it is exact when the unknown entries are independent of the known ones, and
+    otherwise the unknown entries only see the known ones through the noisy replacement (score_sde's paper
+    says the same; docs/numerics.md#controllable-generation measures how far it is for a correlated
+    Gaussian). Difference from score_sde: its denoised output puts the noisy state, not the predictor's mean,
+    in the unknown entries (it recombines ``x`` instead of ``x_mean``); here the mean is kept, as in
+    :func:`pc_sampler`. With ``denoise=False`` and ``noise=`` a generator the result is score_sde's, draw for
+    draw (the prior, then per update the update's normals, then the known part's).
+    """
+    settings = _pc_settings(
+        score_fn, sde, predictor, corrector, snr, n_corrector_steps, denoise, probability_flow, batch_norm_step,
+        progress, return_intermediates, intermediate_every, eps,
+    )  # fmt: skip
+    known = _validate.batch(known, "known", min_dim=2, non_empty=True)
+    mask_full = _condition(mask, "mask", known)
+    if mask.dtype != torch.bool and not bool(((mask >= 0) & (mask <= 1)).all()):
+        raise ValueError("mask: expected a bool tensor or values in [0, 1]")
+    given = noise_lib.source(noise)
+    shape = tuple(known.shape)
+    seed, sample_offset = noise_lib.chain_key(seed, sample_offset, shape, given)
+    with torch.no_grad():
+        m = mask_full.to(known.dtype)
+        prior = noise_lib.prior(
+            sde, shape, seed=seed, sample_offset=sample_offset, given=given, dtype=known.dtype, device=known.device
+        )
+        x = _start(known * m + prior * (1 - m))
+        chain = _Chain(x, seed, sample_offset, return_intermediates, settings["every"], given)
+        replace = _Replacement(chain, sde, known.detach(), m)
+        return _pc_run(score_fn, sde, chain, settings, "pc inpainting", replace)
+
+
+# score_sde's pc_colorizer: an orthonormal change of colour coordinates whose first axis is the gray level,
+# (r + g + b) / sqrt(3); the other two span the colour. Written here from its exact entries (score_sde stores
+# them rounded to float32).
+_COLOR_BASIS = torch.tensor(
+    [
+        [1 / math.sqrt(3), -2 / math.sqrt(6), 0.0],
+        [1 / math.sqrt(3), 1 / math.sqrt(6), 1 / math.sqrt(2)],
+        [1 / math.sqrt(3), 1 / math.sqrt(6), -1 / math.sqrt(2)],
+    ],
+    dtype=torch.float64,
+)
+
+
+def _decouple(x: Tensor) -> Tensor:
+    return torch.einsum("bihw,ij->bjhw", x, _COLOR_BASIS.to(x.device, x.dtype))
+
+
+def _couple(y: Tensor) -> Tensor:
+    return torch.einsum("bjhw,ij->bihw", y, _COLOR_BASIS.to(y.device, y.dtype))
+
+
+def pc_colorize(
+    score_fn,
+    sde,
+    gray: Tensor,
+    *,
+    predictor: str = "reverse_diffusion",
+    corrector: str = "langevin",
+    snr: float = 0.16,
+    n_corrector_steps: int = 1,
+    denoise: bool = True,
+    seed: int | None = None,
+    eps: float | None = None,
+    probability_flow: bool = False,
+    progress: bool = False,
+    sample_offset: int = 0,
+):
+    r"""score_sde's predictor-corrector colorizer (``get_pc_colorizer``): colour images whose gray level is
+    ``gray``.
+
+    ``gray``: (N, 3, H, W) with the gray level in all three channels (score_sde's convention; an
+    (N, 1, H, W) tensor is repeated). In the orthonormal colour coordinates :math:`y = M^\top x` whose
+    first axis is the gray level, :math:`(r + g + b)/\sqrt3`, the gray channel is held fixed (replaced by
+    its diffused value after every update, as :func:`pc_inpaint` does) while the other two are sampled. The
+    chain runs in those coordinates: since M is orthonormal, the score there is :math:`M^\top s(M y)` and
+    the isotropic noise is unchanged, so this is score_sde's algorithm with the replacement done by the
+    fused update. Arguments and the denoised output as :func:`pc_inpaint`; returns (N, 3, H, W).
+    """
+    _validate.function(score_fn, "score_fn")
+    gray = _validate.batch(gray, "gray", min_dim=4, non_empty=True)
+    if gray.dim() != 4 or gray.shape[1] not in (1, 3):
+        raise ValueError(f"gray: expected an (N, 3, H, W) or (N, 1, H, W) tensor, got shape {tuple(gray.shape)}")
+    if gray.shape[1] == 1:
+        gray = gray.expand(-1, 3, -1, -1)
+
+    def decoupled_score(y: Tensor, t: Tensor) -> Tensor:
+        x = _couple(y)
+        return _decouple(_validate.check_score(score_fn(x, t), x))
+
+    mask = torch.zeros(1, 3, 1, 1, dtype=gray.dtype, device=gray.device)
+    mask[:, 0] = 1
+    with torch.no_grad():
+        data = _decouple(gray.detach())
+    y = pc_inpaint(
+        decoupled_score, sde, data, mask, predictor=predictor, corrector=corrector, snr=snr,
+        n_corrector_steps=n_corrector_steps, denoise=denoise, seed=seed, eps=eps, probability_flow=probability_flow,
+        progress=progress, sample_offset=sample_offset,
+    )  # fmt: skip
+    return _couple(y)
+
+
+def classifier_guidance(score_fn, classifier_fn, y, scale: float = 1.0):
+    r"""A score function of the class-conditional law: :math:`s(x, t) + \text{scale}\,\nabla_x \log
+    \mathrm{softmax}(c(x, t))_y` (score_sde's class-conditional sampling with a noise-conditional
+    classifier), usable by every sampler here (``score_fn(x, t)``, or ``(x, labels)``: the classifier is
+    called with the same second argument).
+
+    ``classifier_fn(x, t)``: logits (N, K). ``y``: the class per sample, an int64 (N,) tensor (or one int for
+    all). The gradient takes one backward pass through the classifier per evaluation (autograd on, whatever
+    the caller's grad mode); the score network runs without autograd. ``scale`` 1 samples
+    :math:`p_t(x \mid y)`; larger values sharpen the class (at the cost of diversity).
+    """
+    _validate.function(score_fn, "score_fn")
+    _validate.function(classifier_fn, "classifier_fn")
+    scale = _validate.number(scale, "scale", low=0.0)
+    if not isinstance(y, Tensor):
+        _validate.integer(y, "y")
+    elif y.dtype not in (torch.int64, torch.int32) or y.dim() != 1:
+        raise (TypeError if y.dtype not in (torch.int64, torch.int32) else ValueError)(
+            f"y: expected an int64 (N,) tensor of classes, got {y.dtype} of shape {tuple(y.shape)}"
+        )
+
+    def guided(x: Tensor, t) -> Tensor:
+        labels = y if isinstance(y, Tensor) else torch.full((x.shape[0],), y, dtype=torch.int64, device=x.device)
+        if labels.shape[0] != x.shape[0]:
+            raise ValueError(f"y: expected {x.shape[0]} classes (one per sample of x), got {labels.shape[0]}")
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            logits = classifier_fn(xg, t)
+            if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
+                got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+                raise ValueError(f"classifier_fn: expected logits of shape ({x.shape[0]}, K), got {got}")
+            chosen = torch.log_softmax(logits, dim=1).gather(1, labels.to(logits.device).long()[:, None]).sum()
+            (grad,) = torch.autograd.grad(chosen, xg)
+        with torch.no_grad():
+            s = score_fn(x, t)
+            return s + scale * grad.to(s.dtype)
+
+    return guided

@@ -484,9 +484,14 @@ class FusedUpdate:
         _norms_into(score, noise, self._seed, _wrap(counter), self.sample_offset, partials)
 
     def randn_into(self, out: Tensor, counter: int) -> Tensor:
-        """out (x's shape) <- the normals of ``counter`` under this chain's key, without allocating."""
-        _randn(out, self._seed, _wrap(counter), self.sample_offset)
-        return out
+        """out (x's shape) <- the normals of ``counter`` under this chain's key (element (n, i) the normal of
+        logical index i of sample n, whatever out's layout); allocates nothing when out is contiguous."""
+        if out.is_contiguous():
+            _randn(out, self._seed, _wrap(counter), self.sample_offset)
+            return out
+        z = torch.empty(out.shape, dtype=out.dtype, device=out.device)
+        _randn(z, self._seed, _wrap(counter), self.sample_offset)
+        return out.copy_(z)
 
 
 # ---- 5. public functions ----------------------------------------------------------------------------------
