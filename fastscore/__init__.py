@@ -14,7 +14,8 @@ Main entry points:
     fastscore.ops           the fused functional ops (cond_instance_norm, crp_pool, elu, langevin_step_, ...),
                             each with its reference <op>_ref; differentiable, torch.compile-able
     fastscore.sampling      langevin, annealed_langevin(_inpainting), pc_sampler, pc_inpaint, pc_colorize,
-                            classifier_guidance, ode_sampler
+                            classifier_guidance, ode_sampler, solve (DDIM, Heun, DPM-Solver++(2M), adaptive)
+    fastscore.solvers       the few-step solvers; fastscore.parameterisation: eps / x0 / denoiser <-> score
     fastscore.ode           solve_ivp (adaptive Runge-Kutta on tensors, per sample), ode_sampler
     fastscore.noise         the counter-based normals every sampler draws, and caller-given noise sources
     fastscore.likelihood    log_likelihood, bits_per_dim (the probability-flow ODE)
@@ -62,6 +63,8 @@ _SUBMODULES = (
     "ops",
     "models",
     "sampling",
+    "solvers",
+    "parameterisation",
     "ode",
     "noise",
     "likelihood",
@@ -84,6 +87,8 @@ __all__ = [
     "ops",
     "models",
     "sampling",
+    "solvers",
+    "parameterisation",
     "ode",
     "noise",
     "likelihood",
@@ -101,8 +106,10 @@ if TYPE_CHECKING:
     from fastscore import noise
     from fastscore import ode
     from fastscore import ops
+    from fastscore import parameterisation
     from fastscore import sampling
     from fastscore import sde
+    from fastscore import solvers
     from fastscore import train  # noqa: F401  (not in __all__)
     from fastscore._backend import BackendUnavailableError  # noqa: F401  (not in __all__)
     from fastscore._backend import backends

@@ -446,6 +446,8 @@ def _train(args) -> int:
     from fastscore.train import run_folder
     from fastscore.train import train
 
+    if args.classifier:
+        return _train_classifier(args)
     if args.data is None and not args.resume:  # argparse's wording and status: a usage error
         print(
             "fastscore train: error: the following arguments are required: --data (unless --resume, which reads "
@@ -555,6 +557,57 @@ def _train(args) -> int:
     return 0
 
 
+CLASSIFIER_STEPS = 1500  # fastscore train --classifier's default number of steps
+CLASSIFIER_BATCH = 64
+CLASSIFIER_LR = 2e-3
+
+
+def _train_classifier(args) -> int:
+    """`fastscore train --classifier`: a noise-conditional classifier of the digits' labels under the noise of
+    the score model's config (default demo_digits), written to OUT/classifier.pth."""
+    from fastscore.models.classifier import CHECKPOINT_NAME
+    from fastscore.models.classifier import digits_labels
+    from fastscore.models.classifier import train_classifier
+
+    if _launched():
+        raise CommandError("--classifier: train the classifier in one process (it is small), not under torchrun")
+    for flag, given in (("--resume", args.resume), ("--loss", args.loss), ("--export", args.export),
+                        ("--snapshot-freq", args.snapshot_freq)):  # fmt: skip
+        if given:
+            raise CommandError(f"{flag}: not an option of --classifier (a classifier run is one short run)")
+    if args.data is None:
+        raise CommandError("--classifier: pass --data digits (the labelled data set)")
+    if args.data != "digits":
+        if args.data in TOY_DATA:
+            raise CommandError(
+                f"--data {args.data}: the 2-D toys carry no labels; --classifier trains on labelled images "
+                "(--data digits); for points, call fastscore.models.train_classifier from Python"
+            )
+        raise CommandError(f"--data {args.data!r}: --classifier needs labels, which only 'digits' carries")
+    out = args.out or os.path.join(
+        "runs", f"classifier-{os.path.splitext(os.path.basename(args.config or 'demo_digits'))[0]}-digits"
+    )
+    path = os.path.join(out, CHECKPOINT_NAME)
+    with _as_command_errors(out):
+        _set_threads(args.threads)
+        config = _apply_overrides(args.config or "demo_digits", args.set)
+        if os.path.exists(path) and not args.force:
+            raise CommandError(f"classifier checkpoint {path!r} exists; pass --force to overwrite it")
+        _check_output_folder(out)
+        data, config = _load_data("digits", config, model="the config's")
+        labels = digits_labels()
+        steps, batch = args.steps or CLASSIFIER_STEPS, args.batch_size or CLASSIFIER_BATCH
+        print(f"train --classifier: {len(data)} labelled digits; {steps} steps; writing {path}", file=sys.stderr)
+        os.makedirs(out, exist_ok=True)
+        _, result = train_classifier(
+            config, data, labels, path, steps=steps, batch_size=batch, lr=CLASSIFIER_LR, seed=args.seed,
+            data_name="digits", progress=not args.no_progress,
+        )  # fmt: skip
+    print(f"trained the classifier to step {result.step} in {result.seconds:.0f} s; final loss {result.loss:.4g}; "
+          f"checkpoint {path}")  # fmt: skip
+    return 0
+
+
 def _run_data(meta: dict, out) -> str:
     """The --data a run recorded in its checkpoint, for --resume without --data; CommandError saying why
     when it cannot be used."""
@@ -603,7 +656,15 @@ def _positive_int(text: str) -> int:
 
 # ---- fastscore sample ---------------------------------------------------------------------------------------
 
-SAMPLERS = ("ald", "pc", "ode")  # fastscore.model_sampling.SAMPLERS, spelled out: building the parser imports no torch
+SAMPLERS = (
+    "ald",
+    "pc",
+    "ode",
+    "dpm",
+    "heun",
+    "ddim",
+    "adaptive",
+)  # fastscore.model_sampling.SAMPLERS, spelled out: building the parser imports no torch
 MASKS = ("left", "right", "top", "bottom", "center")
 
 
@@ -734,7 +795,7 @@ def _too_few_steps(args, config) -> str | None:
     from fastscore.model_sampling import pc_default_steps
     from fastscore.models import get_sigmas
 
-    if args.sampler == "ald" or args.mask:
+    if args.sampler == "ald":
         if args.steps_each is None and args.step_lr is None:
             return None
         steps, lr = langevin_settings(config)
@@ -762,6 +823,62 @@ def _too_few_steps(args, config) -> str | None:
     return None
 
 
+def _check_controls(args) -> None:
+    """The controllable-generation flags of `fastscore sample` that contradict each other, refused before any
+    work: inpainting (--mask) and colorization (--colorize) on the samplers that have them, class-conditional
+    sampling (--class, --classifier, --guidance-scale) on its own."""
+    if args.mask and args.sampler not in ("ald", "pc"):
+        raise CommandError("--mask: inpainting runs --sampler ald (annealed Langevin) or pc (predictor-corrector)")
+    if args.steps is not None and args.sampler not in ("dpm", "heun", "ddim"):
+        raise CommandError("--steps: the number of steps of --sampler dpm, heun or ddim (the adaptive one chooses)")
+    if args.colorize and args.sampler != "pc":
+        raise CommandError("--colorize: colorization runs the predictor-corrector sampler: pass --sampler pc")
+    if args.colorize and args.mask:
+        raise CommandError("--colorize: give --mask or --colorize, not both")
+    if (args.class_ is None) != (args.classifier is None):
+        given, missing = ("--class", "--classifier") if args.classifier is None else ("--classifier", "--class")
+        raise CommandError(f"{given}: class-conditional sampling needs {missing} as well")
+    if args.guidance_scale != 1.0 and args.class_ is None:
+        raise CommandError("--guidance-scale: only with --class and --classifier")
+    if args.class_ is not None and (args.mask or args.colorize):
+        raise CommandError("--class: class-conditional sampling does not combine with --mask or --colorize")
+
+
+def _guidance(args, config):
+    """The model_sampling.Guidance of --class, --classifier and --guidance-scale, checked against the model."""
+    from fastscore.model_sampling import Guidance
+    from fastscore.model_sampling import is_toy
+    from fastscore.models.classifier import load_classifier
+    from fastscore.models.classifier import noise_range
+    from fastscore.models.configs import field
+
+    classifier, meta = load_classifier(args.classifier)
+    classes = int(meta.get("num_classes", 0))
+    if args.class_ >= classes:
+        raise CommandError(
+            f"--class {args.class_}: the classifier {args.classifier!r} knows classes 0 to {classes - 1}"
+        )
+    kind = "mlp" if is_toy(config) else "image"
+    shape_ok = meta.get("kind") == kind and (
+        meta["args"].get("dim") == field(config, "data.dim", "any", None)
+        if kind == "mlp"
+        else meta["args"].get("channels") == field(config, "data.channels", "any", None)
+    )
+    if not shape_ok:
+        raise CommandError(
+            f"--classifier {args.classifier!r}: a classifier of other data ({meta.get('kind')}, "
+            f"{meta.get('args')}) than the checkpoint's model, {_model_words(config)}"
+        )
+    low, high = noise_range(config)
+    if not (meta.get("sigma_min", low) <= low * 1.01 and meta.get("sigma_max", high) >= high * 0.99):
+        print(
+            f"fastscore sample: warning: --classifier was trained on noise levels {meta.get('sigma_min'):g} to "
+            f"{meta.get('sigma_max'):g}, the model samples {low:g} to {high:g}: guidance outside them is a guess",
+            file=sys.stderr,
+        )
+    return Guidance(classifier, args.class_, args.guidance_scale)
+
+
 def _sample(args) -> int:
     import numpy as np
     import torch
@@ -771,26 +888,33 @@ def _sample(args) -> int:
     from fastscore.data.images import save_image_grid
     from fastscore.demo import speed_words
     from fastscore.model_sampling import is_toy
+    from fastscore.models.configs import field
 
     world = _world()
     kind = _output_kind(args.out)
 
     def setup():
-        if args.mask and args.sampler != "ald":
-            raise CommandError("--mask: inpainting runs annealed Langevin dynamics (--sampler ald)")
+        _check_controls(args)
         _set_threads(args.threads)
         model, config, meta = _sampling_model(args)
         toy = is_toy(config)
         warning = _too_few_steps(args, config)
         if warning:
             print(f"fastscore sample: warning: {warning}", file=sys.stderr)
-        known = mask = None
-        if args.mask:
+        known = mask = guide = None
+        flag = "--mask" if args.mask else "--colorize"
+        if args.colorize:
+            if toy or field(config, "data.channels", "any", None) != 3:
+                raise CommandError(
+                    f"--colorize: colorization needs a model of 3-channel (colour) images, and the checkpoint's is "
+                    f"{_model_words(config)}; a gray image has no colour channels to fill in"
+                )
+        if args.mask or args.colorize:
             if toy:
-                raise CommandError("--mask: inpainting needs an image model")
+                raise CommandError(f"{flag}: inpainting and colorization need an image model")
             data_name = args.data or meta.get("data")
             if not data_name or data_name == "tensor":
-                raise CommandError("--mask: pass --data (the images whose masked part is kept)")
+                raise CommandError(f"{flag}: pass --data (the images whose known part is kept)")
             from fastscore.data.images import data_transform
             from fastscore.data.images import load_dataset
 
@@ -798,24 +922,35 @@ def _sample(args) -> int:
             pick = _pick(len(images), args.n, args.seed)
             if len(pick) < args.n:
                 pick = pick.repeat(args.n // len(pick) + 1)[: args.n]
-            known = data_transform(config, images[pick])
-            mask = _mask(args.mask, known.shape)
-        return model, config, meta, toy, known, mask
+            images = images[pick]
+            if args.colorize:  # score_sde's gray input: the channels' mean in all three
+                images = images.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)
+            known = data_transform(config, images)
+            if args.mask:
+                mask = _mask(args.mask, known.shape)
+        if args.class_ is not None:
+            guide = _guidance(args, config)
+        return model, config, meta, toy, known, mask, guide
 
     # rank 0 alone writes --out, so it alone checks it; every rank stops if it is refused
-    model, config, meta, toy, known, mask = _together(setup, main_only=lambda: _check_output_file(args.out, args.force))
+    model, config, meta, toy, known, mask, guide = _together(
+        setup, main_only=lambda: _check_output_file(args.out, args.force)
+    )
     with _as_command_errors():
 
         def draw(network):  # with several processes: each its shard, gathered on rank 0 (None elsewhere)
             return _timed(lambda: distributed.sample(
                 network, config, args.n, sampler=args.sampler, meta=meta, seed=args.seed, n_steps_each=args.steps_each,
-                step_lr=args.step_lr, sde_steps=args.sde_steps, snr=args.snr, known=known, mask=mask,
-                progress=not args.no_progress))  # fmt: skip
+                step_lr=args.step_lr, sde_steps=args.sde_steps, snr=args.snr, steps=args.steps, known=known, mask=mask,
+                colorize=args.colorize, guide=guide, progress=not args.no_progress))  # fmt: skip
 
         samples, seconds = draw(model)
         where = f" on {world.size} processes" if world is not None else ""
+        what = " (inpainting)" if mask is not None else " (colorization)" if args.colorize else ""
+        if guide is not None:
+            what = f" (class {args.class_}, guidance scale {args.guidance_scale:g})"
         print(
-            f"sampled {args.n} with {args.sampler}{' (inpainting)' if mask is not None else ''}{where} in "
+            f"sampled {args.n} with {args.sampler}{what}{where} in "
             f"{seconds:.1f} s ({args.n / max(seconds, 1e-9):.3g} samples/s)"
         )
         if args.reference:
@@ -841,7 +976,12 @@ def _sample(args) -> int:
 
                 shown = inverse_data_transform(config, known) * mask + 0.5 * (1 - mask)
                 samples = torch.cat([shown, samples])
-            save_image_grid(args.out, samples, nrow=None if mask is None else min(args.n, 16))
+            elif args.colorize:  # the gray inputs above their colourings
+                from fastscore.data.images import inverse_data_transform
+
+                samples = torch.cat([inverse_data_transform(config, known), samples])
+            paired = mask is not None or args.colorize
+            save_image_grid(args.out, samples, nrow=None if not paired else min(args.n, 16))
         else:
             import io
 
@@ -959,6 +1099,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _class_index(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a class index (an integer from 0), got {text!r}")
+    return value
+
+
 def _run_options(p: argparse.ArgumentParser, *, seed: str | None, progress: bool = True) -> None:
     """The options every command that does work shares, declared once: --threads, and --seed (its help says
     what the seed drives) and --no-progress where the command has them."""
@@ -1030,6 +1180,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--export", metavar="PATH", help="also write a small sampling checkpoint (EMA weights, float16)")
     p.add_argument("--force", action="store_true", help="start over in an --out that holds a checkpoint")
+    p.add_argument(
+        "--classifier",
+        action="store_true",
+        help="train a noise-conditional classifier of --data digits' labels instead (under the noise of --config, "
+        "default demo_digits; for `sample --class`); writes OUT/classifier.pth (default --steps 1500)",
+    )
     _run_options(p, seed="seed of weights, data order and noise (default 0)")
     p.set_defaults(func=_train)
 
@@ -1042,12 +1198,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--checkpoint", required=True, help="a checkpoint file")
     p.add_argument("--config", help="the model's config, for checkpoints that carry none (the original repos')")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ald", help="ald (default), pc or ode")
+    p.add_argument(
+        "--sampler",
+        choices=SAMPLERS,
+        default="ald",
+        help="ald (default), pc, ode, or a few-step solver: dpm (DPM-Solver++(2M)), heun, ddim, adaptive",
+    )
+    p.add_argument("--steps", type=_positive_int, help="dpm, heun, ddim: solver steps (default 20)")
     # -n: under torchrun, whose parser reads --n as an abbreviation of its own --nnodes / --nproc-per-node
     p.add_argument("-n", "--n", type=_positive_int, default=64, help="number of samples (default 64)")
     p.add_argument("--out", required=True, help="grid.png or samples.npz")
     p.add_argument("--mask", help=f"inpaint: the known part, {', '.join(MASKS)} or a .npy of 0/1")
-    p.add_argument("--data", help="images to inpaint (default: the checkpoint's training data)")
+    p.add_argument("--data", help="images to inpaint or colorize (default: the checkpoint's training data)")
+    p.add_argument(
+        "--colorize", action="store_true", help="pc: colour the gray version of --data's images (3-channel models)"
+    )
+    p.add_argument("--class", dest="class_", type=_class_index, metavar="K", help="sample class K (needs --classifier)")
+    p.add_argument("--classifier", metavar="CKPT", help="a noise-conditional classifier (fastscore train --classifier)")
+    p.add_argument(
+        "--guidance-scale", type=_positive_float, default=1.0, help="weight of the classifier's gradient (default 1)"
+    )
     p.add_argument("--steps-each", type=_positive_int, help="ald: Langevin steps per noise level")
     p.add_argument("--step-lr", type=_positive_float, help="ald: step size at the last level")
     p.add_argument(

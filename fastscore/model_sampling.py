@@ -30,7 +30,9 @@ from fastscore.data.images import inverse_data_transform
 from fastscore.models import get_sigmas
 from fastscore.models.configs import field
 
-SAMPLERS = ("ald", "pc", "ode")
+SAMPLERS = ("ald", "pc", "ode", "dpm", "heun", "ddim", "adaptive")
+SOLVERS = ("dpm", "heun", "ddim", "adaptive")  # fastscore.solvers.solve's methods
+SOLVER_STEPS = 20  # the few-step solvers' default number of steps
 
 # The predictor-corrector sampler needs about 3 time steps per noise level of a label-conditioned model:
 # on the shipped digits model (16 levels) 20 and 32 steps leave salt-and-pepper noise (mean difference of
@@ -198,11 +200,13 @@ def annealed_langevin_sample(
     init: Tensor | None = None,
     meta: dict | None = None,
     sample_offset: int = 0,
+    guide=None,
 ) -> Tensor:
     """``n`` samples by ncsnv2's annealed Langevin dynamics (``config.sampling`` unless overridden), on the
     model's device, in data space. Start: ``init``, or ncsnv2's from ``seed`` (:func:`_start`). ``meta``: the
     run's metadata, for :func:`takes_time`. ``sample_offset``: the global index of the first sample (a shard of
-    a larger run, whose start ``init`` gives: the rows of the whole run's start)."""
+    a larger run, whose start ``init`` gives: the rows of the whole run's start). ``guide``: a
+    :class:`Guidance` (class-conditional sampling)."""
     from fastscore.sampling import annealed_langevin
 
     sigmas = get_sigmas(config).cpu()
@@ -212,8 +216,11 @@ def annealed_langevin_sample(
     device = next(model.parameters()).device
     x = init if init is not None else _start(config, n, seed)
     levels = sigmas.to(device)
+    score = batch_invariant(_label_score(model, config, meta, levels))
+    if guide is not None:
+        score = guide.labels(score, levels)
     out = annealed_langevin(
-        batch_invariant(_label_score(model, config, meta, levels)), x.to(device), levels, n_steps_each=n_steps_each,
+        score, x.to(device), levels, n_steps_each=n_steps_each,
         step_lr=step_lr, denoise=denoise, seed=seed, progress=progress, sample_offset=sample_offset,
     )  # fmt: skip
     return _to_data(config, out)
@@ -253,6 +260,40 @@ def inpaint(
     return _to_data(config, out)
 
 
+# ---- class-conditional sampling ------------------------------------------------------------------------------
+
+
+class Guidance:
+    """Classifier guidance for :func:`sample` (score_sde's class-conditional sampling): the score becomes
+    ``s + scale * grad_x log softmax(classifier(x, sigma))_y`` (:func:`fastscore.sampling.classifier_guidance`),
+    the classifier called with the noise level's std: ``sigmas[label]`` for annealed Langevin, the VE SDE's
+    ``sigma_t`` for the PC and ODE samplers. ``classifier(x, sigma)``: logits (a
+    :class:`fastscore.models.classifier.NoiseConditionalClassifier`). ``y``: one class for every sample, or an
+    int64 (n,) tensor, one per sample (annealed Langevin and PC only: the ODE sampler's batch shrinks as
+    samples finish). The classifier is evaluated batch-invariantly too (:func:`batch_invariant`)."""
+
+    def __init__(self, classifier, y, scale: float = 1.0):
+        self.classifier, self.y, self.scale = classifier, y, float(scale)
+
+    def rows(self, rows: range) -> Guidance:
+        """The guidance of a shard: ``y``'s entries for those rows."""
+        if isinstance(self.y, Tensor) and self.y.dim() == 1:
+            return Guidance(self.classifier, self.y[rows.start : rows.stop], self.scale)
+        return self
+
+    def labels(self, score, sigmas: Tensor):
+        from fastscore.sampling import classifier_guidance
+
+        clf = batch_invariant(lambda x, labels: self.classifier(x, sigmas[labels].to(x.dtype)))
+        return classifier_guidance(score, clf, self.y, self.scale)
+
+    def times(self, score, sde):
+        from fastscore.sampling import classifier_guidance
+
+        clf = batch_invariant(lambda x, t: self.classifier(x, sde.marginal_prob(x, t)[1].to(x.dtype)))
+        return classifier_guidance(score, clf, self.y, self.scale)
+
+
 @torch.no_grad()
 def sample(
     model,
@@ -266,8 +307,11 @@ def sample(
     step_lr: float | None = None,
     sde_steps: int | None = None,
     snr: float = PC_SNR,
+    steps: int | None = None,
     known: Tensor | None = None,
     mask: Tensor | None = None,
+    colorize: bool = False,
+    guide: Guidance | None = None,
     progress: bool = False,
     rows: range | None = None,
 ) -> Tensor:
@@ -276,8 +320,16 @@ def sample(
     * ``"ald"``: ncsnv2's annealed Langevin dynamics (:func:`annealed_langevin_sample`; ``n_steps_each`` and
       ``step_lr`` default to ``config.sampling``'s); with ``known`` and ``mask``, inpainting (:func:`inpaint`);
     * ``"pc"``: score_sde's predictor-corrector sampler (``sde_steps`` time steps, default
-      :func:`pc_default_steps`; corrector ``snr``);
-    * ``"ode"``: the probability-flow ODE (rtol = atol = 1e-3).
+      :func:`pc_default_steps`; corrector ``snr``); with ``known`` and ``mask``, score_sde's PC inpainter
+      (:func:`fastscore.sampling.pc_inpaint`); with ``known`` (gray images, 3 channels) and ``colorize``, its
+      PC colorizer (:func:`fastscore.sampling.pc_colorize`);
+    * ``"ode"``: the probability-flow ODE (rtol = atol = 1e-3);
+    * ``"dpm"``, ``"heun"``, ``"ddim"``, ``"adaptive"``: the few-step solvers (:func:`fastscore.solvers.solve`:
+      DPM-Solver++(2M), Heun, DDIM, Gotta Go Fast) with ``steps`` steps (default 20; the adaptive solver chooses
+      its own).
+
+    ``guide``: a :class:`Guidance` (class-conditional sampling with a noise-conditional classifier), for every
+    sampler (not with inpainting or colorization).
 
     ``meta``: the run's metadata (a checkpoint's), for :func:`takes_time`. All noise comes from ``seed``.
 
@@ -288,9 +340,26 @@ def sample(
     them."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler: expected one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    if guide is not None and (mask is not None or colorize):
+        raise ValueError("guide: class-conditional sampling does not combine with inpainting or colorization")
+    if guide is not None and sampler in ("ode", "adaptive") and isinstance(guide.y, Tensor) and guide.y.dim() == 1:
+        raise ValueError(
+            f"guide: the {sampler} sampler takes one class for all samples (an int), not one per sample (its "
+            "batch shrinks as samples finish)"
+        )
+    if steps is not None and sampler not in SOLVERS[:3]:
+        raise ValueError(f"steps: the number of steps of the few-step solvers {', '.join(SOLVERS[:3])}, not {sampler}")
+    if (mask is not None or colorize) and (sampler not in ("ald", "pc") or known is None):
+        raise ValueError(
+            "inpainting (mask) and colorization run annealed Langevin ('ald', inpainting only) or the "
+            "predictor-corrector sampler ('pc') on images (known)"
+        )
+    if colorize and sampler != "pc":
+        raise ValueError("colorize: colorization runs the predictor-corrector sampler (sampler 'pc')")
+    if sampler == "pc" and (mask is not None or colorize):
+        return _pc_conditional(model, config, meta, known, mask, colorize, seed=seed, sde_steps=sde_steps,
+                               snr=snr, progress=progress, rows=rows)  # fmt: skip
     if mask is not None:
-        if sampler != "ald" or known is None:
-            raise ValueError("inpainting (mask) runs annealed Langevin dynamics (sampler 'ald') on images (known)")
         return inpaint(
             model, config, known, mask, seed=seed, n_steps_each=n_steps_each, step_lr=step_lr, progress=progress,
             rows=rows,
@@ -302,15 +371,23 @@ def sample(
         init = None if len(rows) == n else _start(config, n, seed)[rows.start : rows.stop]
         return annealed_langevin_sample(
             model, config, len(rows), seed=seed, n_steps_each=n_steps_each, step_lr=step_lr, progress=progress,
-            meta=meta, init=init, sample_offset=rows.start,
+            meta=meta, init=init, sample_offset=rows.start, guide=None if guide is None else guide.rows(rows),
         )  # fmt: skip
     score_fn, sde = sde_for(model, config, meta, sde_steps)
     score_fn = batch_invariant(score_fn)
+    if guide is not None:
+        score_fn = guide.rows(rows).times(score_fn, sde)
     shape = _shape(config, len(rows))
     if sampler == "pc":
         from fastscore.sampling import pc_sampler
 
         out = pc_sampler(score_fn, sde, shape, snr=snr, seed=seed, progress=progress, sample_offset=rows.start)
+    elif sampler in SOLVERS:
+        from fastscore.solvers import solve
+
+        n_steps = None if sampler == "adaptive" else (steps or SOLVER_STEPS)
+        out = solve(score_fn, sde, shape, method=sampler, steps=n_steps, seed=seed, progress=progress,
+                    sample_offset=rows.start, device=_device(model))  # fmt: skip
     else:
         from fastscore.sampling import ode_sampler
 
@@ -318,6 +395,30 @@ def sample(
             score_fn, sde, shape, seed=seed, rtol=ODE_TOLERANCE, atol=ODE_TOLERANCE, progress=progress,
             sample_offset=rows.start,
         )  # fmt: skip
+    return _to_data(config, out)
+
+
+def _pc_conditional(model, config, meta, known, mask, colorize, *, seed, sde_steps, snr, progress, rows):
+    """score_sde's PC inpainter (``mask``) or colorizer (``colorize``; ``known`` the gray images, 3 channels)
+    on the rows ``rows`` of ``known`` (model input space), in data space."""
+    from fastscore.sampling import pc_colorize
+    from fastscore.sampling import pc_inpaint
+
+    rows = check_rows(rows, len(known))
+    if mask is not None and mask.dim() == known.dim() and mask.shape[0] == len(known) and len(known) > 1:
+        mask = mask[rows.start : rows.stop]
+    part = known[rows.start : rows.stop]
+    if not len(rows):
+        return _to_data(config, part)
+    score_fn, sde = sde_for(model, config, meta, sde_steps)
+    score_fn = batch_invariant(score_fn)
+    device = _device(model)
+    if colorize:
+        out = pc_colorize(score_fn, sde, part.to(device), snr=snr, seed=seed, progress=progress,
+                          sample_offset=rows.start)  # fmt: skip
+    else:
+        out = pc_inpaint(score_fn, sde, part.to(device), mask.to(device), snr=snr, seed=seed, progress=progress,
+                         sample_offset=rows.start)  # fmt: skip
     return _to_data(config, out)
 
 

@@ -78,6 +78,10 @@ from fastscore._validate import check_score
 from fastscore.ode import ode_sampler
 from fastscore.ops.langevin_step import FusedUpdate
 from fastscore.ops.langevin_step import step_limit
+from fastscore.solvers import METHODS as SOLVERS
+from fastscore.solvers import SolverInfo
+from fastscore.solvers import sigma_schedule
+from fastscore.solvers import solve
 
 __all__ = [
     "langevin",
@@ -87,6 +91,10 @@ __all__ = [
     "pc_inpaint",
     "pc_colorize",
     "classifier_guidance",
+    "solve",
+    "sigma_schedule",
+    "SolverInfo",
+    "SOLVERS",
     "ode_sampler",
     "PREDICTORS",
     "CORRECTORS",

@@ -307,7 +307,7 @@ def test_refuses_to_overwrite_and_leaves_the_file_alone(tiny_run, tmp_path, caps
         (["train", "--data", "digits", "--set", "oops"], 1, "--set 'oops': expected section.key=value"),
         (["sample", "--checkpoint", "/no/such.pth", "--out", "x.png"], 1, "does not exist"),
         (["sample", "--checkpoint", "c.pth", "--out", "x.jpg"], 1, "expected a .png or .npz file"),
-        (["sample", "--checkpoint", "c.pth", "--out", "x.png", "--sampler", "ddim"], 2, "invalid choice: 'ddim'"),
+        (["sample", "--checkpoint", "c.pth", "--out", "x.png", "--sampler", "ddpm"], 2, "invalid choice: 'ddpm'"),
         (["sample", "--checkpoint", "c.pth", "--out", "/no/dir/x.png"], 1, "does not exist"),
         (["likelihood", "--checkpoint", "/no/such.pth", "--data", "digits"], 1, "does not exist"),
         (["demo", "--threads", "0"], 2, "--threads: expected a positive integer"),
@@ -944,3 +944,23 @@ def test_a_toy_trained_on_the_sde_loss_draws_snapshots_and_ald_samples(tmp_path,
     assert status == 0, err
     points = np.load(out)["samples"]
     assert points.shape == (8, 2) and np.isfinite(points).all()
+
+
+def test_few_step_solvers_sample_from_the_command_line(tiny_run, tmp_path, capsys):
+    """--sampler dpm|heun|ddim|adaptive runs fastscore.solvers.solve on the checkpoint's SDE; --steps is
+    theirs (the adaptive one chooses its own), and a --steps for another sampler is refused in one line."""
+    import numpy as np
+
+    ckpt = str(tiny_run / "small.pth")
+    for sampler in ("dpm", "heun", "ddim", "adaptive"):
+        out = tmp_path / f"{sampler}.npz"
+        steps = [] if sampler == "adaptive" else ["--steps", "4"]
+        status, stdout, err = main_in_process(capsys, "sample", "--checkpoint", ckpt, "--n", "2", "--sampler",
+                                              sampler, *steps, "--no-progress", "--out", str(out))  # fmt: skip
+        assert status == 0 and f"sampled 2 with {sampler}" in stdout, err
+        with np.load(out) as f:
+            samples = next(iter(f.values()))
+        assert samples.shape[0] == 2 and np.isfinite(samples).all()
+    status, _, err = main_in_process(capsys, "sample", "--checkpoint", ckpt, "--n", "2", "--sampler", "pc",
+                                     "--steps", "4", "--out", str(tmp_path / "x.npz"))  # fmt: skip
+    assert status != 0 and err.strip().splitlines()[-1].startswith("fastscore sample: error: --steps:"), err

@@ -22,6 +22,10 @@ from fastscore import _namespace  # noqa: F401  (refuses a folder in fastscore's
 from fastscore.models.checkpoints import CheckpointError
 from fastscore.models.checkpoints import read_torch_file
 from fastscore.models.checkpoints import verify_checksums
+from fastscore.models.classifier import ClassifierMLP
+from fastscore.models.classifier import NoiseConditionalClassifier
+from fastscore.models.classifier import load_classifier
+from fastscore.models.classifier import train_classifier
 from fastscore.models.configs import ConfigError
 from fastscore.models.configs import config_names
 from fastscore.models.configs import dict2namespace
@@ -45,6 +49,10 @@ __all__ = [
     "NCSNv2Deeper",
     "NCSNv2Deepest",
     "ScoreMLP",
+    "NoiseConditionalClassifier",
+    "ClassifierMLP",
+    "train_classifier",
+    "load_classifier",
     "get_model",
     "get_config",
     "config_names",
