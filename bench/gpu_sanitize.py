@@ -13,9 +13,10 @@ alone; with and without alpha / beta / ELU, conditional and not, NCHW and NHWC, 
 one block and large enough to be split), crp_pool (max and avg: forward, backward, jvp; max with ties,
 -inf and NaN against PyTorch's routing), elu (forward, out=, in place, backward, jvp; contiguous,
 channels_last, permuted, 1-D), langevin_step_ (given and generated noise, masks), sde_update_,
-langevin_corrector_step_ (its norms pass and update) and counter_randn. Triton compiles a kernel per
-specialisation, so it runs the large shapes and the half types on a subset (like the op tests' triton
-cases); the CUDA backend runs every case.
+langevin_corrector_step_ (its norms pass and update) and counter_randn, and the metropolis op (MALA proposal,
+HMC momentum, leapfrog, both accept steps: bitwise against the reference, decisions included). Triton
+compiles a kernel per specialisation, so it runs the large shapes and the half types on a subset (like the
+op tests' triton cases); the CUDA backend runs every case.
 
 ``--device cpu`` runs the same cases on CPU tensors with the cpp backend (and triton when
 TRITON_INTERPRET=1): a check of this driver itself on a machine without a GPU.
@@ -57,12 +58,13 @@ from fastscore.ops import langevin_corrector_step_  # noqa: E402
 from fastscore.ops import langevin_corrector_step_ref  # noqa: E402
 from fastscore.ops import langevin_step_  # noqa: E402
 from fastscore.ops import langevin_step_ref  # noqa: E402
+from fastscore.ops import metropolis as mh  # noqa: E402
 from fastscore.ops import sde_update_  # noqa: E402
 from fastscore.ops import sde_update_ref  # noqa: E402
 
 NO_CUDA = 3
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-OPS = ("cond_instance_norm", "crp_pool", "elu", "langevin")
+OPS = ("cond_instance_norm", "crp_pool", "elu", "langevin", "metropolis")
 SEED = 0x9E3779B97F4A7C15  # above 2^63: both Philox key words in use
 
 
@@ -514,7 +516,86 @@ def lgv_cases() -> list[Case]:
     return cases
 
 
-ALL_CASES = {"cond_instance_norm": cin_cases, "crp_pool": crp_cases, "elu": elu_cases, "langevin": lgv_cases}
+# ---- metropolis: MALA / HMC proposals, leapfrog, accept steps ------------------------------------------------
+
+# a sample in several 1024-element pieces (several blocks / programs per sample, and the pieces' sums added),
+# NHWC, D = 1.
+MH_SHAPES = [((5, 7), "", True), ((3, 5, 7, 9), "nhwc", True), ((2, 3, 40, 40), "nchw", False), ((4, 1), "", False)]
+
+
+def _mh_case(shape, layout):
+    def run(ck: Checker, dtype, device):
+        g = _gen(7)
+        N = shape[0]
+
+        def make(scale=1.0):
+            t = (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(device, dtype)
+            return _layout(t, layout) if layout else t
+
+        x, score, other, p = make(2), make(), make(), make()
+        step = (torch.rand(N, generator=g, dtype=torch.float64) * 0.2 + 0.01).to(device)
+        e = (torch.randn(N, generator=g, dtype=torch.float64) * 10).to(device)
+        ep = e + torch.randn(N, generator=g, dtype=torch.float64).to(device)
+        kw = dict(seed=SEED, counter=2**40 + 3, sample_offset=5)
+        with torch.no_grad():
+            prop = mh.mala_propose(x, score, step, **kw)
+            start = mh.hmc_momentum(x, score, step, **kw)
+            xl, pl = x.clone(memory_format=torch.preserve_format), p.clone(memory_format=torch.preserve_format)
+            mh.hmc_leapfrog_(xl, pl, score, step)
+            xm, sm, em = (
+                x.clone(memory_format=torch.preserve_format),
+                score.clone(memory_format=torch.preserve_format),
+                e.clone(),
+            )
+            dm = mh.mala_accept_(xm, sm, em, prop.x, other, ep, prop.z_sq, step, **kw)
+            xh, sh, eh = (
+                x.clone(memory_format=torch.preserve_format),
+                score.clone(memory_format=torch.preserve_format),
+                e.clone(),
+            )
+            dh = mh.hmc_accept_(xh, sh, eh, start.x, other, ep, p, start.p_sq, step, **kw)
+        if not ck.check:
+            return
+        xc, sc, oc, pc, stc, ec, epc = (_cpu(t) for t in (x, score, other, p, step, e, ep))
+        want = mh.mala_propose_ref(xc, sc, stc, **kw)
+        ck.exact("mala_propose x", prop.x, want.x)
+        ck.exact("mala_propose |z|^2", prop.z_sq, want.z_sq)
+        for name, got, ref in zip(("x", "p", "|p0|^2"), start, mh.hmc_momentum_ref(xc, sc, stc, **kw)):
+            ck.exact(f"hmc_momentum {name}", got, ref)
+        wx, wp = mh.hmc_leapfrog_ref(xc, pc, sc, stc)
+        ck.exact("hmc_leapfrog_ x", xl, wx)
+        ck.exact("hmc_leapfrog_ p", pl, wp)
+        wm = mh.mala_accept_ref(xc, sc, ec, want.x, oc, epc, want.z_sq, stc, **kw)
+        wh = mh.hmc_accept_ref(xc, sc, ec, _cpu(start.x), oc, epc, pc, _cpu(start.p_sq), stc, **kw)
+        for kind, (d, xs, ss, es), w in (("mala", (dm, xm, sm, em), wm), ("hmc", (dh, xh, sh, eh), wh)):
+            ck.exact(f"{kind}_accept_ log alpha", d.log_alpha, w.log_alpha)
+            ck.exact(f"{kind}_accept_ decisions", d.accepted, w.accepted)
+            ck.exact(f"{kind}_accept_ x", xs, w.x)
+            ck.exact(f"{kind}_accept_ score", ss, w.score)
+            ck.exact(f"{kind}_accept_ energy", es, w.energy)
+        if layout == "nhwc":
+            ck.true(
+                "layout", prop.x.is_contiguous(memory_format=torch.channels_last), "the proposal lost channels_last"
+            )
+
+    return run
+
+
+def mh_cases() -> list[Case]:
+    cases = []
+    for shape, layout, full in MH_SHAPES:
+        keep = tuple(DTYPES.values()) if full else F32
+        cases.append(Case("metropolis", _label(shape, layout), _mh_case(shape, layout), keep, full))
+    return cases
+
+
+ALL_CASES = {
+    "cond_instance_norm": cin_cases,
+    "crp_pool": crp_cases,
+    "elu": elu_cases,
+    "langevin": lgv_cases,
+    "metropolis": mh_cases,
+}
 
 
 # ---- driver ---------------------------------------------------------------------------------------

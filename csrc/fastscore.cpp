@@ -54,6 +54,24 @@ TORCH_LIBRARY(fastscore_C, m) {
       " Tensor(a!) out) -> ()");
   m.def("langevin_step_randn(Tensor(a!) out, int seed, int counter, int sample_offset) -> ()");
 
+  // MALA / HMC steps (csrc/include/metropolis_math.h; fastscore/ops/metropolis.py). x, score, x_out, p_out, p,
+  // x_prop, score_prop: (N, ...) in one layout (contiguous or channels_last) and dtype; coef (N, 3) rows
+  // (a, b, c) in the accumulation dtype (MALA (eps, 0, sqrt(2 eps)), HMC (h, h / 2, h)); energies, sq, sq_out,
+  // log_alpha (N,) float64; accepted (N,) bool; seed and counter 64-bit patterns, as langevin_step's.
+  // propose: without p_out x_out = (x + a score) + c z, with it p_out = z + b score, x_out = x + c p_out;
+  // sq_out = per-sample sum of z^2. leapfrog: p = p + a score, x = x + c p. accept: per sample log_alpha =
+  // ((energy - energy_prop) + sq / 2) - |(x - x_prop) - a score_prop|^2 / (2 c^2) (p absent) or - |p + b
+  // score_prop|^2 / 2 (p given); accepted = log u <= log_alpha, u the sample's uniform; then x, score, energy
+  // take x_prop, score_prop, energy_prop where accepted.
+  m.def(
+      "metropolis_propose(Tensor x, Tensor score, Tensor coef, int seed, int counter, int sample_offset,"
+      " Tensor(a!) x_out, Tensor(b!)? p_out, Tensor(c!) sq_out) -> ()");
+  m.def("metropolis_leapfrog(Tensor(a!) x, Tensor(b!) p, Tensor score, Tensor coef) -> ()");
+  m.def(
+      "metropolis_accept(Tensor(a!) x, Tensor(b!) score, Tensor(c!) energy, Tensor x_prop, Tensor score_prop,"
+      " Tensor energy_prop, Tensor? p, Tensor sq, Tensor coef, int seed, int counter, int sample_offset,"
+      " Tensor(d!) accepted, Tensor(e!) log_alpha) -> ()");
+
   // ELU (alpha = 1), elementwise over the flat storage: x dense and non-overlapping (any layout);
   // out, grad_out, x_t and every result have x's shape, dtype and strides. out may be x (in place).
   // Backward and jvp take the derivative from x.

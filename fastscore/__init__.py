@@ -16,6 +16,7 @@ Main entry points:
     fastscore.sampling      langevin, annealed_langevin(_inpainting), pc_sampler, pc_inpaint, pc_colorize,
                             classifier_guidance, ode_sampler, solve (DDIM, Heun, DPM-Solver++(2M), adaptive)
     fastscore.solvers       the few-step solvers; fastscore.parameterisation: eps / x0 / denoiser <-> score
+    fastscore.mcmc          mala, hmc: Metropolis-adjusted samplers for energy models (models.EnergyScore)
     fastscore.ode           solve_ivp (adaptive Runge-Kutta on tensors, per sample), ode_sampler
     fastscore.noise         the counter-based normals every sampler draws, and caller-given noise sources
     fastscore.likelihood    log_likelihood, bits_per_dim (the probability-flow ODE)
@@ -63,6 +64,7 @@ _SUBMODULES = (
     "ops",
     "models",
     "sampling",
+    "mcmc",
     "solvers",
     "parameterisation",
     "ode",
@@ -87,6 +89,7 @@ __all__ = [
     "ops",
     "models",
     "sampling",
+    "mcmc",
     "solvers",
     "parameterisation",
     "ode",
@@ -101,6 +104,7 @@ if TYPE_CHECKING:
     from fastscore import distributed  # noqa: F401  (not in __all__)
     from fastscore import likelihood
     from fastscore import losses
+    from fastscore import mcmc
     from fastscore import models
     from fastscore import nn
     from fastscore import noise

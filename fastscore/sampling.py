@@ -75,6 +75,8 @@ from fastscore import noise as noise_lib
 from fastscore import sde as sde_lib
 from fastscore._progress import Progress
 from fastscore._validate import check_score
+from fastscore.mcmc import hmc
+from fastscore.mcmc import mala
 from fastscore.ode import ode_sampler
 from fastscore.ops.langevin_step import FusedUpdate
 from fastscore.ops.langevin_step import step_limit
@@ -92,6 +94,8 @@ __all__ = [
     "pc_colorize",
     "classifier_guidance",
     "solve",
+    "mala",
+    "hmc",
     "sigma_schedule",
     "SolverInfo",
     "SOLVERS",

@@ -8,6 +8,8 @@
   configs give :class:`NCSN`; ``model.arch`` overrides).
 * :func:`get_config`, :func:`config_names`, :func:`get_sigmas`: bundled configs and noise levels.
 * :func:`load_checkpoint`: loads the originals' checkpoint files into a model.
+* :class:`EnergyScore`, :class:`EnergyHead`, :func:`as_energy`: energy-based score models (the score as
+  minus the gradient of an energy; any of these networks as an energy), for :mod:`fastscore.mcmc`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ from fastscore.models.configs import field
 from fastscore.models.configs import get_config
 from fastscore.models.configs import get_sigmas
 from fastscore.models.configs import namespace2dict
+from fastscore.models.energy import EnergyHead
+from fastscore.models.energy import EnergyScore
+from fastscore.models.energy import as_energy
 from fastscore.models.mlp import ScoreMLP
 from fastscore.models.ncsn import NCSN
 from fastscore.models.ncsn import CondRefineNetDilated
@@ -53,6 +58,9 @@ __all__ = [
     "ClassifierMLP",
     "train_classifier",
     "load_classifier",
+    "EnergyScore",
+    "EnergyHead",
+    "as_energy",
     "get_model",
     "get_config",
     "config_names",

@@ -19,6 +19,17 @@ from fastscore.ops.langevin_step import langevin_step_
 from fastscore.ops.langevin_step import langevin_step_ref
 from fastscore.ops.langevin_step import sde_update_
 from fastscore.ops.langevin_step import sde_update_ref
+from fastscore.ops.metropolis import counter_uniform_ref
+from fastscore.ops.metropolis import hmc_accept_
+from fastscore.ops.metropolis import hmc_accept_ref
+from fastscore.ops.metropolis import hmc_leapfrog_
+from fastscore.ops.metropolis import hmc_leapfrog_ref
+from fastscore.ops.metropolis import hmc_momentum
+from fastscore.ops.metropolis import hmc_momentum_ref
+from fastscore.ops.metropolis import mala_accept_
+from fastscore.ops.metropolis import mala_accept_ref
+from fastscore.ops.metropolis import mala_propose
+from fastscore.ops.metropolis import mala_propose_ref
 
 __all__ = [
     "cond_instance_norm",
@@ -37,4 +48,15 @@ __all__ = [
     "langevin_step_ref",
     "sde_update_",
     "sde_update_ref",
+    "counter_uniform_ref",
+    "mala_propose",
+    "mala_propose_ref",
+    "mala_accept_",
+    "mala_accept_ref",
+    "hmc_momentum",
+    "hmc_momentum_ref",
+    "hmc_leapfrog_",
+    "hmc_leapfrog_ref",
+    "hmc_accept_",
+    "hmc_accept_ref",
 ]
