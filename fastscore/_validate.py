@@ -102,6 +102,19 @@ def shape(v, name: str = "shape") -> tuple[int, ...]:
     return v
 
 
+def float_list(v, name: str) -> list[float]:
+    """A 1-D tensor or sequence of numbers as Python floats (one host read, at set-up)."""
+    if isinstance(v, Tensor):
+        floating(v, name)
+        if v.dim() != 1:
+            raise ValueError(f"{name}: expected a 1-D tensor of noise levels, got shape {tuple(v.shape)}")
+        return v.detach().to("cpu", torch.float64).tolist()
+    try:
+        return [float(s) for s in v]
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected a 1-D tensor or sequence of numbers, got {type(v).__name__}") from None
+
+
 def float_dtype(dtype, name: str = "dtype") -> torch.dtype:
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}: expected float16, bfloat16, float32 or float64, got {dtype}")

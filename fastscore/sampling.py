@@ -123,18 +123,7 @@ def _sigma_list(sigmas) -> list[float]:
     """The noise levels as Python floats (one host read at set-up), checked 1-D, positive, finite and not
     increasing (level i's step is ``step_lr (sigma_i / sigma_L)^2``: the annealing runs from the largest
     level down to the smallest, which is the last)."""
-    if isinstance(sigmas, Tensor):
-        _validate.floating(sigmas, "sigmas")
-        if sigmas.dim() != 1:
-            raise ValueError(f"sigmas: expected a 1-D tensor of noise levels, got shape {tuple(sigmas.shape)}")
-        values = sigmas.detach().to("cpu", torch.float64).tolist()
-    else:
-        try:
-            values = [float(s) for s in sigmas]
-        except (TypeError, ValueError):
-            raise TypeError(
-                f"sigmas: expected a 1-D tensor or sequence of numbers, got {type(sigmas).__name__}"
-            ) from None
+    values = _validate.float_list(sigmas, "sigmas")
     if not values:
         raise ValueError("sigmas: expected at least one noise level")
     if not all(math.isfinite(s) and s > 0 for s in values):

@@ -138,18 +138,7 @@ def sigma_schedule(sde, steps: int, *, schedule: str = "karras", rho: float = 7.
 
 def _check_sigmas(sigmas, sde) -> list[float]:
     """User noise levels: 1-D, at least two, finite, decreasing, positive but for a final 0, within the SDE's."""
-    if isinstance(sigmas, Tensor):
-        _validate.floating(sigmas, "sigmas")
-        if sigmas.dim() != 1:
-            raise ValueError(f"sigmas: expected a 1-D tensor, got shape {tuple(sigmas.shape)}")
-        values = sigmas.detach().to("cpu", torch.float64).tolist()
-    else:
-        try:
-            values = [float(s) for s in sigmas]
-        except (TypeError, ValueError):
-            raise TypeError(
-                f"sigmas: expected a 1-D tensor or sequence of numbers, got {type(sigmas).__name__}"
-            ) from None
+    values = _validate.float_list(sigmas, "sigmas")
     if len(values) < 2:
         raise ValueError(f"sigmas: expected at least two noise levels (one step), got {values}")
     if not all(math.isfinite(s) for s in values):
