@@ -155,6 +155,13 @@ def init(*, device=None, backend: str | None = None, timeout: float | None = Non
     elif device.type != "cpu":
         raise DistributedError(f"device: expected cpu or cuda, got {device}")
     backend = backend or ("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
+    # torch._dynamo, imported for the first time while a process group exists (fastscore's layers and
+    # torch.compile import it), keeps ten references to the group in its tables of torch objects, so that
+    # destroy_process_group cannot free it: gloo's threads then live on into the interpreter's teardown, where
+    # their destruction races with it and a rank that finished its work aborts now and then ("terminate called
+    # without an active exception"). Imported before the group exists, it holds none.
+    from torch import _dynamo  # noqa: F401  (binds no local `torch`)
+
     try:
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=seconds))
     except (RuntimeError, ValueError) as exc:

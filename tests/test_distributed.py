@@ -403,6 +403,38 @@ def test_python_api_under_torchrun_equals_one_process(moons, tmp_path):
     assert two["gather"] == [[1.0, 1.0]] and one["gather"] == []  # rank 0's empty shard, then rank 1's row
 
 
+SHUTDOWN_SCRIPT = """
+import os, sys
+import torch
+from fastscore import distributed
+
+def gloo_threads():  # this process's threads that gloo started (Linux names them)
+    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    return sorted(n for n in names if "gloo" in n)
+
+w = distributed.init()
+running = gloo_threads()
+import torch._dynamo  # what building a fastscore model or torch.compile imports, after the group exists
+distributed.gather(torch.ones(1 + w.rank, 2))
+distributed.shutdown()
+print(f"rank {w.rank}: gloo threads while joined {len(running)}, after shutdown {gloo_threads()}", flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads the thread names from Linux's /proc")
+def test_shutdown_frees_the_process_group_so_nothing_races_the_exit(tmp_path):
+    """distributed.shutdown leaves no gloo thread behind, even when torch._dynamo is first imported after the
+    group exists (it keeps references to the group when imported then); a thread left over outlives the work
+    and, destroyed during the interpreter's teardown, aborted a finished rank now and then."""
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent(SHUTDOWN_SCRIPT))
+    result = ok(torchrun(script, cwd=tmp_path, module=False))
+    for rank in (0, 1):
+        line = next(x for x in result.stdout.splitlines() if x.startswith(f"rank {rank}:"))
+        assert "after shutdown []" in line and "while joined 0" not in line, line
+
+
 # ---- failures ---------------------------------------------------------------------------------------------------
 
 
