@@ -447,6 +447,8 @@ def _train(args) -> int:
     from fastscore.train import train
 
     if args.classifier:
+        if args.energy:
+            raise CommandError("--energy: trains the score model as an energy; --classifier trains a classifier")
         return _train_classifier(args)
     if args.data is None and not args.resume:  # argparse's wording and status: a usage error
         print(
@@ -496,6 +498,12 @@ def _train(args) -> int:
             meta = checkpoint_meta(read_checkpoint(ckpt, verify=False)) or {}  # train() verifies it
             config = dict2namespace(meta["config"]) if "config" in meta else None
             loss, batch_size = meta.get("loss", loss), batch_size or meta.get("batch_size")
+            if args.energy and args.energy != meta.get("energy"):
+                was = f"as an energy ({meta['energy']})" if meta.get("energy") else "as a score model"
+                raise CommandError(
+                    f"--energy: the run in {out!r} trains the network {was}; --resume continues it so (leave out "
+                    "--energy)"
+                )
             data_seed = meta.get("seed", args.seed)  # a toy's points are drawn from the run's seed, as at its start
             if data_name is None:
                 data_name = _run_data(meta, out)
@@ -540,6 +548,7 @@ def _train(args) -> int:
                 snapshot_samples=0 if args.no_samples else None,
                 data_name=data_name,
                 progress=not args.no_progress,
+                energy=args.energy,
             )
         print(
             f"trained to step {result.step} in {result.seconds:.0f} s; final loss {result.loss:.4g}; "
@@ -664,7 +673,10 @@ SAMPLERS = (
     "heun",
     "ddim",
     "adaptive",
+    "mala",
+    "hmc",
 )  # fastscore.model_sampling.SAMPLERS, spelled out: building the parser imports no torch
+ENERGY_FORMS = ("residual", "inner")  # fastscore.models.energy.FORMS, spelled out as SAMPLERS is
 MASKS = ("left", "right", "top", "bottom", "center")
 
 
@@ -795,7 +807,7 @@ def _too_few_steps(args, config) -> str | None:
     from fastscore.model_sampling import pc_default_steps
     from fastscore.models import get_sigmas
 
-    if args.sampler == "ald":
+    if args.sampler in ("ald", "mala", "hmc"):  # the same levels, steps per level and step sizes
         if args.steps_each is None and args.step_lr is None:
             return None
         steps, lr = langevin_settings(config)
@@ -842,6 +854,11 @@ def _check_controls(args) -> None:
         raise CommandError("--guidance-scale: only with --class and --classifier")
     if args.class_ is not None and (args.mask or args.colorize):
         raise CommandError("--class: class-conditional sampling does not combine with --mask or --colorize")
+    if args.class_ is not None and args.sampler in ("mala", "hmc"):
+        raise CommandError(f"--class: class-conditional sampling does not run with --sampler {args.sampler}")
+    for flag, given in (("--compile", args.compile), ("--bf16", args.bf16)):
+        if given and args.sampler in ("mala", "hmc"):  # they wrap the forward; these samplers call the energy
+            raise CommandError(f"{flag}: applies to the score's forward pass, not to --sampler {args.sampler}'s energy")
 
 
 def _guidance(args, config):
@@ -887,6 +904,7 @@ def _sample(args) -> int:
     from fastscore.data.images import atomic_write_bytes
     from fastscore.data.images import save_image_grid
     from fastscore.demo import speed_words
+    from fastscore.model_sampling import energy_model
     from fastscore.model_sampling import is_toy
     from fastscore.models.configs import field
 
@@ -897,6 +915,11 @@ def _sample(args) -> int:
         _check_controls(args)
         _set_threads(args.threads)
         model, config, meta = _sampling_model(args)
+        if args.sampler in ("mala", "hmc") and energy_model(model) is None:
+            raise CommandError(
+                f"--sampler {args.sampler}: annealed {args.sampler.upper()} needs an energy model, and "
+                f"{args.checkpoint!r} holds a score network (train one with fastscore train --energy)"
+            )
         toy = is_toy(config)
         warning = _too_few_steps(args, config)
         if warning:
@@ -1186,6 +1209,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a noise-conditional classifier of --data digits' labels instead (under the noise of --config, "
         "default demo_digits; for `sample --class`); writes OUT/classifier.pth (default --steps 1500)",
     )
+    p.add_argument(
+        "--energy",
+        nargs="?",
+        const="residual",
+        choices=ENERGY_FORMS,
+        help="train the network as an energy, score = -grad E with E = |x - f(x)|^2 / 2 (residual, the default) "
+        "or -<x, f(x)> / 2 (inner), for `sample --sampler mala|hmc` (docs/mcmc.md)",
+    )
     _run_options(p, seed="seed of weights, data order and noise (default 0)")
     p.set_defaults(func=_train)
 
@@ -1202,7 +1233,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--sampler",
         choices=SAMPLERS,
         default="ald",
-        help="ald (default), pc, ode, or a few-step solver: dpm (DPM-Solver++(2M)), heun, ddim, adaptive",
+        help="ald (default), pc, ode, a few-step solver: dpm (DPM-Solver++(2M)), heun, ddim, adaptive, or on an "
+        "energy model (train --energy) annealed Metropolis-adjusted Langevin (mala) or Hamiltonian Monte Carlo (hmc)",
     )
     p.add_argument("--steps", type=_positive_int, help="dpm, heun, ddim: solver steps (default 20)")
     # -n: under torchrun, whose parser reads --n as an abbreviation of its own --nnodes / --nproc-per-node
@@ -1218,8 +1250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--guidance-scale", type=_positive_float, default=1.0, help="weight of the classifier's gradient (default 1)"
     )
-    p.add_argument("--steps-each", type=_positive_int, help="ald: Langevin steps per noise level")
-    p.add_argument("--step-lr", type=_positive_float, help="ald: step size at the last level")
+    p.add_argument("--steps-each", type=_positive_int, help="ald, mala, hmc: steps per noise level")
+    p.add_argument("--step-lr", type=_positive_float, help="ald, mala, hmc: step size at the last level")
     p.add_argument(
         "--sde-steps",
         type=_positive_int,

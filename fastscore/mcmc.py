@@ -24,6 +24,10 @@ Iteration k (warm-up iterations first) draws its normals and its uniforms from `
 network is called as ``energy_fn(x)`` with a tensor that requires grad, under ``torch.enable_grad()``, and
 must return (N,) energies that depend on each sample alone (no batch statistics: a network in training mode
 with batch norm would couple the chains).
+
+The annealed correctors of :mod:`fastscore.sampling` (``corrector="mala"`` or ``"hmc"`` in ``annealed_langevin``
+and ``pc_sampler``) run the same iteration (:class:`_Step`), one level or time at a time
+(docs/mcmc.md#annealed-correctors).
 """
 
 from __future__ import annotations
@@ -81,7 +85,12 @@ def energy_and_score(energy_fn, x: Tensor) -> tuple[Tensor, Tensor]:
         e = energy_fn(xg)
         _check_energy(e, x)
         g = torch.autograd.grad(e.sum(), xg, allow_unused=True)[0] if e.requires_grad else None
-    score = torch.zeros_like(x) if g is None else g.neg_()
+    if g is None:
+        score = torch.zeros_like(x)
+    elif 0 in g.stride():  # a broadcast gradient (e.g. of x.sum(1)): not writable in place
+        score = g.neg()
+    else:
+        score = g.neg_()
     return e.detach().to(torch.float64), score.contiguous(memory_format=_validate.memory_format(x))
 
 
@@ -171,19 +180,15 @@ def _checked(
 
 
 class _Chain:
-    """A batch of chains: the state, its score and energy, and the per-step buffers, allocated once."""
+    """A batch of chains: the state, its score and energy, and the per-step buffers, allocated once.
 
-    def __init__(self, energy_fn, x: Tensor, seed: int, counter: int, sample_offset: int):
-        self.energy_fn = energy_fn
+    ``copy=False`` keeps ``x`` itself as the state (updated in place: the annealed correctors of
+    :mod:`fastscore.sampling` share it with the predictor); ``energy_fn=None`` leaves the energy and score to a
+    later :meth:`retarget`."""
+
+    def __init__(self, energy_fn, x: Tensor, seed: int, counter: int, sample_offset: int, *, copy: bool = True):
         fmt = _validate.memory_format(x)
-        self.x = x.detach().clone(memory_format=fmt)
-        self.energy, self.score = energy_and_score(energy_fn, self.x)
-        bad = torch.isnan(self.energy) | _validate.nonfinite_rows(self.score)
-        if bool(bad.any()):  # such a chain could never accept a move (its log ratios would all be NaN)
-            raise ValueError(
-                "energy_fn: NaN energies or non-finite scores at the start x, in sample(s) "
-                f"{_validate.some(bad.nonzero()[:, 0].tolist())}"
-            )
+        self.x = x.detach().clone(memory_format=fmt) if copy else x
         self.seed, self.counter, self.sample_offset = seed, counter, sample_offset
         N = x.shape[0]
         self.x_prop = torch.empty_like(self.x)
@@ -192,6 +197,21 @@ class _Chain:
         self.log_alpha = torch.empty(N, dtype=torch.float64, device=x.device)
         self.n_accepted = torch.zeros(N, dtype=torch.float64, device=x.device)
         self.sum_prob = torch.zeros(N, dtype=torch.float64, device=x.device)
+        if energy_fn is not None:
+            self.retarget(energy_fn, "at the start x")
+
+    def retarget(self, energy_fn, where: str) -> None:
+        """Target ``energy_fn`` from the current state: its energy and score evaluated there (one network call).
+        The cached ones belong to the previous target (an annealing schedule's previous level, or a state the
+        predictor has moved since)."""
+        self.energy_fn = energy_fn
+        self.energy, self.score = energy_and_score(energy_fn, self.x)
+        bad = torch.isnan(self.energy) | _validate.nonfinite_rows(self.score)
+        if bool(bad.any()):  # such a chain could never accept a move (its log ratios would all be NaN)
+            raise ValueError(
+                f"energy_fn: NaN energies or non-finite scores {where}, in sample(s) "
+                f"{_validate.some(bad.nonzero()[:, 0].tolist())}"
+            )
 
     def key(self, k: int) -> tuple[int, int, int]:
         return _mh._wrap(self.seed), _mh._wrap(self.counter + k), self.sample_offset
@@ -206,6 +226,64 @@ class _Chain:
     def result(self, n_steps: int, steps: Tensor) -> MCMCResult:
         denom = max(n_steps, 1)
         return MCMCResult(self.x, self.n_accepted / denom, self.sum_prob / denom, steps, self.energy)
+
+
+class _Step:
+    """One Metropolis-Hastings iteration of MALA (``n_leapfrog=1``, no momentum) or HMC on a :class:`_Chain`:
+    the proposal pass, the network at the proposal (and at every inner leapfrog step), the accept pass. The one
+    implementation :func:`mala`, :func:`hmc` and the annealed correctors of :mod:`fastscore.sampling` run.
+    ``step(k, steps)``: iteration k, with the normals and uniforms of ``counter + k``; ``steps`` a float or an
+    (N,) float64 tensor (per sample)."""
+
+    def __init__(self, chain: _Chain, kind: str, n_leapfrog: int = 1):
+        self.chain, self.kind = chain, kind
+        self.n_leapfrog = n_leapfrog if kind == "hmc" else 1  # a MALA proposal is one move, without momentum
+        self.p = torch.empty_like(chain.x) if kind == "hmc" else None
+        self._steps = self._coef = None
+
+    def __call__(self, k: int, steps) -> None:
+        chain, p = self.chain, self.p
+        if steps is not self._steps:  # new step sizes (steps are replaced, never changed in place)
+            self._steps, self._coef = steps, _mh._step_coef(steps, chain.x, self.kind)
+        coef = self._coef
+        key = chain.key(k)
+        _mh._propose(chain.x, chain.score, coef, *key, chain.x_prop, p, chain.sq)
+        e_prop, s_prop = chain.evaluate(chain.x_prop)
+        for _ in range(self.n_leapfrog - 1):
+            _mh._leapfrog(chain.x_prop, p, s_prop, coef)
+            e_prop, s_prop = chain.evaluate(chain.x_prop)
+        _mh._accept(
+            chain.x,
+            chain.score,
+            chain.energy,
+            chain.x_prop,
+            s_prop,
+            e_prop,
+            p,
+            chain.sq,
+            coef,
+            *key,
+            chain.accepted,
+            chain.log_alpha,
+        )
+
+
+def _corrector_step(alpha: float, kind: str, x: Tensor, name: str) -> float:
+    r"""The step of an annealed corrector (:mod:`fastscore.sampling`) from the Langevin step :math:`\alpha` it
+    replaces, checked as the ops check steps (errors name ``name``, the argument it comes from): MALA's step
+    is :math:`\alpha` itself (its proposal is the Langevin step); HMC's leapfrog step is
+    :math:`h = \sqrt{2\alpha}`, whose first leapfrog step moves x by :math:`h z + \tfrac{h^2}{2} s =
+    \sqrt{2\alpha}\, z + \alpha s`, the same Langevin move. An (N,) float64 tensor, as :func:`mala` and
+    :func:`hmc` hold their steps (so a level of the annealed MALA corrector is bitwise :func:`mala` with that
+    step, the level's energy and the counter of its first iteration)."""
+    return _steps(_mh._step(alpha if kind == "mala" else math.sqrt(2.0 * alpha), x, name), x)
+
+
+def _corrector(kind: str, x: Tensor, seed: int, sample_offset: int, n_leapfrog: int) -> _Step:
+    """The MH iteration of an annealed corrector on the state ``x`` itself (updated in place), counter 0
+    (iteration k uses the sampler's own step counter k); each level or time sets its target with
+    ``step.chain.retarget``."""
+    return _Step(_Chain(None, x, seed, 0, sample_offset, copy=False), kind, n_leapfrog)
 
 
 def _run(chain: _Chain, iteration, steps: Tensor, n_steps, n_warmup, target, adapt, progress, desc) -> MCMCResult:
@@ -284,27 +362,7 @@ def mala(
         MALA_TARGET,
     )
     chain = _Chain(energy_fn, x, seed, counter, sample_offset)
-
-    def iteration(k: int, steps: Tensor) -> None:
-        coef = _mh._step_coef(steps, chain.x, "mala")
-        key = chain.key(k)
-        _mh._propose(chain.x, chain.score, coef, *key, chain.x_prop, None, chain.sq)
-        e_prop, s_prop = chain.evaluate(chain.x_prop)
-        _mh._accept(
-            chain.x,
-            chain.score,
-            chain.energy,
-            chain.x_prop,
-            s_prop,
-            e_prop,
-            None,
-            chain.sq,
-            coef,
-            *key,
-            chain.accepted,
-            chain.log_alpha,
-        )
-
+    iteration = _Step(chain, "mala")
     return _run(chain, iteration, steps, n_steps, n_warmup, target, adapt, progress, "mala")
 
 
@@ -349,29 +407,5 @@ def hmc(
         HMC_TARGET,
     )
     chain = _Chain(energy_fn, x, seed, counter, sample_offset)
-    p = torch.empty_like(chain.x)
-
-    def iteration(k: int, steps: Tensor) -> None:
-        coef = _mh._step_coef(steps, chain.x, "hmc")
-        key = chain.key(k)
-        _mh._propose(chain.x, chain.score, coef, *key, chain.x_prop, p, chain.sq)
-        e_prop, s_prop = chain.evaluate(chain.x_prop)
-        for _ in range(n_leapfrog - 1):
-            _mh._leapfrog(chain.x_prop, p, s_prop, coef)
-            e_prop, s_prop = chain.evaluate(chain.x_prop)
-        _mh._accept(
-            chain.x,
-            chain.score,
-            chain.energy,
-            chain.x_prop,
-            s_prop,
-            e_prop,
-            p,
-            chain.sq,
-            coef,
-            *key,
-            chain.accepted,
-            chain.log_alpha,
-        )
-
+    iteration = _Step(chain, "hmc", n_leapfrog)
     return _run(chain, iteration, steps, n_steps, n_warmup, target, adapt, progress, "hmc")

@@ -9,8 +9,9 @@ in a checkpoint; of it only ``"loss"`` is read), this module
 * builds the VE SDE spanning the model's noise levels, with the score function ``s(x, t)`` that the
   predictor-corrector and ODE samplers, the likelihood and the continuous-time loss call, :func:`sde_for`;
 * starts and runs the samplers: annealed Langevin (:func:`annealed_langevin_sample`, which is
-  :func:`fastscore.train.sample`), inpainting (:func:`inpaint`), predictor-corrector and the probability-flow
-  ODE, behind one entry point, :func:`sample`, that returns the samples in data space.
+  :func:`fastscore.train.sample`; on an energy model also annealed MALA and HMC), inpainting (:func:`inpaint`),
+  predictor-corrector and the probability-flow ODE, behind one entry point, :func:`sample`, that returns the
+  samples in data space.
 
 Every sample depends only on (seed, its index among the ``n``): :func:`sample` with ``rows`` computes a shard of
 a run (the rows it names, bitwise the values those rows have in the whole run), which is how
@@ -30,7 +31,8 @@ from fastscore.data.images import inverse_data_transform
 from fastscore.models import get_sigmas
 from fastscore.models.configs import field
 
-SAMPLERS = ("ald", "pc", "ode", "dpm", "heun", "ddim", "adaptive")
+SAMPLERS = ("ald", "pc", "ode", "dpm", "heun", "ddim", "adaptive", "mala", "hmc")
+MCMC_SAMPLERS = ("mala", "hmc")  # annealed MALA / HMC: energy models only (fastscore train --energy)
 SOLVERS = ("dpm", "heun", "ddim", "adaptive")  # fastscore.solvers.solve's methods
 SOLVER_STEPS = 20  # the few-step solvers' default number of steps
 
@@ -155,6 +157,31 @@ def _label_score(model, config, meta: dict | None, sigmas: Tensor):
     return score
 
 
+def energy_model(model):
+    """The :class:`fastscore.models.EnergyScore` ``model`` is (or wraps: a torch.compile module), or None for a
+    score network."""
+    from fastscore.models.energy import EnergyScore
+
+    inner = getattr(model, "_orig_mod", model)
+    return inner if isinstance(inner, EnergyScore) else None
+
+
+def _label_energy(model, config, meta: dict | None, sigmas: Tensor):
+    """``energy(x, labels) -> (N,)`` of an energy model for annealed MALA / HMC, the energy whose score is
+    :func:`_label_score`'s: the network's energy, or for a time-conditioned one (which learns
+    ``sigma_t * score``) its energy at each level's time divided by ``sigma_i``."""
+    net = energy_model(model)
+    if not takes_time(model, config, meta):
+        return net.energy
+    span = torch.log(sigmas[0] / sigmas[-1])
+    times = torch.log(sigmas / sigmas[-1]) / span if float(span) > 0 else torch.ones_like(sigmas)
+
+    def energy(h, labels):
+        return net.energy(h, times[labels].to(h.dtype)) / sigmas[labels].to(h.dtype)
+
+    return energy
+
+
 # ---- samples ------------------------------------------------------------------------------------------------------
 
 
@@ -201,12 +228,15 @@ def annealed_langevin_sample(
     meta: dict | None = None,
     sample_offset: int = 0,
     guide=None,
+    corrector: str = "langevin",
 ) -> Tensor:
     """``n`` samples by ncsnv2's annealed Langevin dynamics (``config.sampling`` unless overridden), on the
     model's device, in data space. Start: ``init``, or ncsnv2's from ``seed`` (:func:`_start`). ``meta``: the
     run's metadata, for :func:`takes_time`. ``sample_offset``: the global index of the first sample (a shard of
     a larger run, whose start ``init`` gives: the rows of the whole run's start). ``guide``: a
-    :class:`Guidance` (class-conditional sampling)."""
+    :class:`Guidance` (class-conditional sampling). ``corrector="mala"`` or ``"hmc"``: annealed MALA / HMC
+    over the same levels and steps (:func:`fastscore.sampling.annealed_langevin`'s correctors; an energy
+    model only, :func:`energy_model`)."""
     from fastscore.sampling import annealed_langevin
 
     sigmas = get_sigmas(config).cpu()
@@ -219,9 +249,17 @@ def annealed_langevin_sample(
     score = batch_invariant(_label_score(model, config, meta, levels))
     if guide is not None:
         score = guide.labels(score, levels)
+    mcmc = {}
+    if corrector != "langevin":
+        if energy_model(model) is None:
+            raise ValueError(f"corrector: {corrector!r} needs an energy model (fastscore train --energy)")
+        if guide is not None:
+            raise ValueError(f"guide: class-conditional sampling runs the Langevin corrector, not {corrector!r}")
+        energy = batch_invariant(_label_energy(model, config, meta, levels))
+        mcmc = dict(corrector=corrector, energy_fn=energy)
     out = annealed_langevin(
         score, x.to(device), levels, n_steps_each=n_steps_each,
-        step_lr=step_lr, denoise=denoise, seed=seed, progress=progress, sample_offset=sample_offset,
+        step_lr=step_lr, denoise=denoise, seed=seed, progress=progress, sample_offset=sample_offset, **mcmc,
     )  # fmt: skip
     return _to_data(config, out)
 
@@ -326,10 +364,13 @@ def sample(
     * ``"ode"``: the probability-flow ODE (rtol = atol = 1e-3);
     * ``"dpm"``, ``"heun"``, ``"ddim"``, ``"adaptive"``: the few-step solvers (:func:`fastscore.solvers.solve`:
       DPM-Solver++(2M), Heun, DDIM, Gotta Go Fast) with ``steps`` steps (default 20; the adaptive solver chooses
-      its own).
+      its own);
+    * ``"mala"``, ``"hmc"``: annealed MALA / HMC over the config's noise levels, with annealed Langevin's
+      levels, steps per level and step sizes (HMC: 3 leapfrog steps of ``sqrt(2 alpha_i)``; docs/mcmc.md) and
+      its final denoising step; an energy model only (``fastscore train --energy``, :func:`energy_model`).
 
     ``guide``: a :class:`Guidance` (class-conditional sampling with a noise-conditional classifier), for every
-    sampler (not with inpainting or colorization).
+    sampler but mala and hmc (not with inpainting or colorization).
 
     ``meta``: the run's metadata (a checkpoint's), for :func:`takes_time`. All noise comes from ``seed``.
 
@@ -340,6 +381,13 @@ def sample(
     them."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler: expected one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    if sampler in MCMC_SAMPLERS and energy_model(model) is None:
+        raise ValueError(
+            f"sampler: {sampler!r} (annealed {sampler.upper()}) needs an energy model, and this is a score network: "
+            "train one with fastscore train --energy"
+        )
+    if sampler in MCMC_SAMPLERS and guide is not None:
+        raise ValueError(f"guide: class-conditional sampling does not run with the {sampler} sampler")
     if guide is not None and (mask is not None or colorize):
         raise ValueError("guide: class-conditional sampling does not combine with inpainting or colorization")
     if guide is not None and sampler in ("ode", "adaptive") and isinstance(guide.y, Tensor) and guide.y.dim() == 1:
@@ -367,11 +415,12 @@ def sample(
     rows = check_rows(rows, n)
     if not len(rows):  # an empty shard (more processes than samples)
         return _to_data(config, torch.zeros(_shape(config, 0), device=_device(model)))
-    if sampler == "ald":
+    if sampler in ("ald",) + MCMC_SAMPLERS:
         init = None if len(rows) == n else _start(config, n, seed)[rows.start : rows.stop]
         return annealed_langevin_sample(
             model, config, len(rows), seed=seed, n_steps_each=n_steps_each, step_lr=step_lr, progress=progress,
             meta=meta, init=init, sample_offset=rows.start, guide=None if guide is None else guide.rows(rows),
+            corrector="langevin" if sampler == "ald" else sampler,
         )  # fmt: skip
     score_fn, sde = sde_for(model, config, meta, sde_steps)
     score_fn = batch_invariant(score_fn)

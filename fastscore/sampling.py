@@ -38,6 +38,11 @@ correctors and reverse-diffusion / ancestral predictors draw after the score; nc
 (``variant="ncsn"``), both inpainting samplers and score_sde's Euler-Maruyama predictor draw before it;
 score_sde's PC sampler draws its prior first.
 
+Metropolis-adjusted correctors. :func:`annealed_langevin` and :func:`pc_sampler` also take
+``corrector="mala"`` or ``"hmc"`` with ``energy_fn``, an energy model's noise-conditional energy: each Langevin
+update becomes an iteration of :func:`fastscore.mcmc.mala` / :func:`~fastscore.mcmc.hmc` (the same fused
+passes) targeting the current level, at the Langevin corrector's step (docs/mcmc.md#annealed-correctors).
+
 Conventions of the original code, and where fastscore differs:
 
 - :func:`annealed_langevin`: ncsnv2's rules: level i step :math:`\alpha_i = \epsilon (\sigma_i/\sigma_L)^2`,
@@ -71,6 +76,7 @@ import torch
 from torch import Tensor
 
 from fastscore import _validate
+from fastscore import mcmc as _mcmc
 from fastscore import noise as noise_lib
 from fastscore import sde as sde_lib
 from fastscore._progress import Progress
@@ -102,10 +108,16 @@ __all__ = [
     "ode_sampler",
     "PREDICTORS",
     "CORRECTORS",
+    "MCMC_CORRECTORS",
 ]
 
 PREDICTORS = ("euler_maruyama", "reverse_diffusion", "ancestral", "none")
 CORRECTORS = ("langevin", "ald", "none")
+# The Metropolis-adjusted correctors of an energy model (fastscore.mcmc; docs/mcmc.md), in annealed_langevin and
+# pc_sampler: they need the energy (energy_fn), not only its score.
+MCMC_CORRECTORS = ("mala", "hmc")
+ALD_CORRECTORS = ("langevin",) + MCMC_CORRECTORS
+N_LEAPFROG = 3  # the HMC corrector's default leapfrog steps per iteration
 VARIANTS = ("ncsnv2", "ncsn")
 
 # ---- argument checks (metadata only; each error names the argument) ---------------------------------------
@@ -140,6 +152,41 @@ def _sigma_list(sigmas) -> list[float]:
 
 def _intermediate_every(v) -> int:
     return _count(v, "intermediate_every")
+
+
+def _mcmc_settings(corrector: str, energy_fn, n_leapfrog, return_acceptance, noise, cond: str) -> int:
+    """The Metropolis-adjusted correctors' arguments, checked (``cond``: what energy_fn takes after x); the
+    number of leapfrog steps."""
+    n_leapfrog = _count(n_leapfrog, "n_leapfrog")
+    _validate.flag(return_acceptance, "return_acceptance")
+    if energy_fn is not None:
+        _validate.function(energy_fn, "energy_fn")
+    if corrector in MCMC_CORRECTORS:
+        if energy_fn is None:
+            raise ValueError(
+                f"energy_fn: the {corrector!r} corrector needs the energy: pass energy_fn(x, {cond}) -> (N,) "
+                "energies (the score is -grad_x E; fastscore.models.EnergyScore.energy)"
+            )
+        if noise is not None:
+            raise ValueError(
+                f"noise: the {corrector!r} corrector draws its proposals and decisions from the counter-based "
+                "generator: leave noise=None"
+            )
+    else:
+        if energy_fn is not None:
+            raise ValueError(f"energy_fn: only the 'mala' and 'hmc' correctors use it, not {corrector!r}")
+        if return_acceptance:
+            raise ValueError(
+                f"return_acceptance: acceptance rates come from the 'mala' and 'hmc' correctors, not {corrector!r}"
+            )
+    return n_leapfrog
+
+
+def _with_acceptance(result, rates: Tensor | None):
+    """A sampler's result, with the acceptance rates appended when asked for."""
+    if rates is None:
+        return result
+    return (*result, rates) if isinstance(result, tuple) else (result, rates)
 
 
 # ---- the loop's pieces -----------------------------------------------------------------------------------
@@ -307,6 +354,10 @@ def annealed_langevin(
     return_intermediates: bool = False,
     intermediate_every: int = 1,
     sample_offset: int = 0,
+    corrector: str = "langevin",
+    energy_fn=None,
+    n_leapfrog: int = N_LEAPFROG,
+    return_acceptance: bool = False,
 ):
     r"""Annealed Langevin dynamics of ncsn / ncsnv2 (ncsn's and ncsnv2's ``anneal_Langevin_dynamics``).
 
@@ -322,9 +373,23 @@ def annealed_langevin(
     ``torch.randn_like(x, generator=noise)`` after the score (ncsnv2) or before it (``variant="ncsn"``), so
     the originals' loops run with ``torch.manual_seed(s)`` are reproduced by ``noise=torch.default_generator``
     after the same ``torch.manual_seed(s)`` and the same start. Returns the final batch.
+
+    Annealed MALA / HMC (docs/mcmc.md#annealed-correctors): ``corrector="mala"`` or ``"hmc"`` replaces each
+    Langevin update by a Metropolis-adjusted iteration targeting the level's perturbed density
+    :math:`\propto e^{-E(x, i)}`, with ``energy_fn(x, labels) -> (N,)`` the noise-conditional energy (its score
+    :math:`-\nabla_x E` by one backward pass, as :mod:`fastscore.mcmc`; ``score_fn`` is then only called for
+    the final denoising). MALA steps :math:`\alpha_i`; HMC takes ``n_leapfrog`` leapfrog steps of
+    :math:`h_i = \sqrt{2\alpha_i}` (one leapfrog step of h moves as the Langevin step of :math:`\alpha_i`),
+    so ``n_leapfrog`` network calls per iteration. Each level starts with one more call (the energy and score
+    of the current state under the level's energy). Iteration k of the whole run (level i, step j:
+    ``k = i n_steps_each + j``) draws from counter k, so levels never share noise and samples stay
+    batch-independent and bitwise reproducible. ``return_acceptance=True`` appends the (L, N) float64
+    per-level, per-sample acceptance rates to the result. ``noise`` must be None.
     """
     _validate.function(score_fn, "score_fn")
     x = _state(x)
+    corrector = _validate.choice(corrector, "corrector", ALD_CORRECTORS)
+    n_leapfrog = _mcmc_settings(corrector, energy_fn, n_leapfrog, return_acceptance, noise, "labels")
     sig = _sigma_list(sigmas)
     n_steps_each = _count(n_steps_each, "n_steps_each", low=0)
     step_lr = _validate.number(step_lr, "step_lr", low=0.0)
@@ -336,6 +401,11 @@ def annealed_langevin(
     given = noise_lib.source(noise)
     seed, sample_offset = noise_lib.chain_key(seed, sample_offset, x.shape, given)
     L = len(sig)
+    if corrector != "langevin":
+        return _annealed_mcmc(
+            score_fn, energy_fn, x, sig, n_steps_each, step_lr, denoise, seed, sample_offset, corrector, n_leapfrog,
+            variant == "ncsn", progress, return_intermediates, every, return_acceptance,
+        )  # fmt: skip
     with torch.no_grad():
         chain = _Chain(_start(x), seed, sample_offset, return_intermediates, every, given)
         rows = chain.rows([_langevin_row(step_lr * (s / sig[-1]) ** 2) for s in sig])
@@ -362,6 +432,49 @@ def annealed_langevin(
         finally:
             bar.close()
     return chain.result(chain.x)
+
+
+def _annealed_mcmc(
+    score_fn, energy_fn, x, sig, n_steps_each, step_lr, denoise, seed, sample_offset, kind, n_leapfrog,
+    record_before, progress, record, every, return_acceptance,
+):  # fmt: skip
+    """:func:`annealed_langevin` with the MALA or HMC corrector (arguments checked)."""
+    L, N = len(sig), x.shape[0]
+    with torch.no_grad():
+        chain = _Chain(_start(x), seed, sample_offset, record, every)
+        state = chain.x
+        steps = [_mcmc._corrector_step(step_lr * (s / sig[-1]) ** 2, kind, state, "step_lr") for s in sig]
+        step = _mcmc._corrector(kind, state, seed, sample_offset, n_leapfrog)
+        labels = torch.empty(N, dtype=torch.int64, device=x.device)
+        rates = torch.zeros(L, N, dtype=torch.float64, device=x.device)
+
+        def level_energy(h: Tensor) -> Tensor:
+            return energy_fn(h, labels)
+
+        bar = _progress_bar(L * n_steps_each, progress, f"annealed {kind}")
+        try:
+            for level in range(L):
+                labels.fill_(level)
+                if n_steps_each:  # the cached energy and score are the previous level's
+                    step.chain.retarget(level_energy, f"at the start of level {level}")
+                for j in range(n_steps_each):
+                    if record_before:
+                        chain.snapshot()
+                    step(level * n_steps_each + j, steps[level])
+                    rates[level] += step.chain.accepted
+                    chain.stepped()
+                    if not record_before:
+                        chain.snapshot()
+                    bar.update()
+            if denoise:
+                labels.fill_(L - 1)
+                state.add_(chain.score(score_fn(state, labels)), alpha=sig[-1] ** 2)
+                if record:
+                    chain.intermediates.append(state.detach().to("cpu", copy=True))
+        finally:
+            bar.close()
+    rates /= max(n_steps_each, 1)
+    return _with_acceptance(chain.result(state), rates if return_acceptance else None)
 
 
 def annealed_langevin_inpainting(
@@ -619,6 +732,9 @@ def pc_sampler(
     return_intermediates: bool = False,
     intermediate_every: int = 1,
     sample_offset: int = 0,
+    energy_fn=None,
+    n_leapfrog: int = N_LEAPFROG,
+    return_acceptance: bool = False,
 ):
     r"""score_sde's predictor-corrector sampler (score_sde's ``get_pc_sampler``).
 
@@ -655,11 +771,27 @@ def pc_sampler(
       corrector and predictor step draws ``torch.randn_like(x, generator=noise)`` in score_sde's order
       (after the score, except the Euler-Maruyama predictor, which draws before it; the probability-flow
       predictors draw too and multiply the draw by 0, as score_sde's).
+    - ``corrector="mala"`` or ``"hmc"`` (docs/mcmc.md#annealed-correctors): Metropolis-adjusted corrector
+      iterations targeting :math:`p_t \propto e^{-E(x, t)}`, with ``energy_fn(x, t) -> (N,)`` the
+      time-conditional energy (score :math:`-\nabla_x E` by one backward pass; ``score_fn`` still drives the
+      predictor). The step is the ``ald`` / default Langevin corrector's,
+      :math:`\epsilon_i = 2\alpha_i(\mathrm{snr}\, s(t_i))^2`: MALA's step :math:`\epsilon_i`, HMC's
+      ``n_leapfrog`` leapfrog steps of :math:`h_i = \sqrt{2\epsilon_i}`. The Metropolis test makes each
+      iteration exact for :math:`p_{t_i}` whatever the step, so ``snr`` only trades acceptance against
+      distance moved. Each time step with corrector iterations costs one more network call (the energy and
+      score of the state the predictor left); corrector iterations and predictor steps share the step
+      counter, so no two of them draw the same noise. ``return_acceptance=True`` appends the (N_t, N) float64
+      per-time, per-sample acceptance rates to the result. ``noise`` must be None; ``batch_norm_step`` is the
+      ``langevin`` corrector's.
     """
     settings = _pc_settings(
         score_fn, sde, predictor, corrector, snr, n_corrector_steps, denoise, probability_flow, batch_norm_step,
-        progress, return_intermediates, intermediate_every, eps,
+        progress, return_intermediates, intermediate_every, eps, correctors=CORRECTORS + MCMC_CORRECTORS,
     )  # fmt: skip
+    settings["n_leapfrog"] = _mcmc_settings(settings["corrector"], energy_fn, n_leapfrog, return_acceptance, noise, "t")
+    if settings["corrector"] in MCMC_CORRECTORS and batch_norm_step:
+        raise ValueError("batch_norm_step: score_sde's batch-averaged step is the 'langevin' corrector's")
+    settings["energy_fn"], settings["return_acceptance"] = energy_fn, return_acceptance
     if x_init is not None:
         x0 = _validate.batch(x_init, "x_init", min_dim=2, non_empty=True)
         shape = tuple(x0.shape)
@@ -683,13 +815,13 @@ def pc_sampler(
 
 def _pc_settings(
     score_fn, sde, predictor, corrector, snr, n_corrector_steps, denoise, probability_flow, batch_norm_step,
-    progress, return_intermediates, intermediate_every, eps,
+    progress, return_intermediates, intermediate_every, eps, *, correctors=CORRECTORS,
 ) -> dict:  # fmt: skip
-    """The PC samplers' shared arguments, checked."""
+    """The PC samplers' shared arguments, checked (``correctors``: the ones the sampler offers)."""
     _validate.function(score_fn, "score_fn")
     sde = sde_lib.check_sde(sde, schedules=True)
     predictor = _validate.choice(predictor, "predictor", PREDICTORS)
-    corrector = _validate.choice(corrector, "corrector", CORRECTORS)
+    corrector = _validate.choice(corrector, "corrector", correctors)
     snr = _validate.number(snr, "snr", low=0.0)
     n_corrector_steps = _count(n_corrector_steps, "n_corrector_steps", low=0)
     for v, name in ((denoise, "denoise"), (probability_flow, "probability_flow"), (batch_norm_step, "batch_norm_step")):
@@ -753,7 +885,18 @@ def _pc_run(score_fn, sde, chain: _Chain, cfg: dict, desc: str, replace: _Replac
         chain.rows(_predictor_table(sde, predictor, ts, idx, cfg["probability_flow"])) if predictor != "none" else []
     )
     batch_steps = corrector == "langevin" and cfg["batch_norm_step"]
-    if corrector != "none":
+    mcmc_step = None
+    if corrector in MCMC_CORRECTORS:
+        energy_fn = cfg["energy_fn"]
+        alphas = _expected_norm_steps(sde, ts, _corrector_alpha(sde, idx), cfg["snr"])
+        mc_steps = [_mcmc._corrector_step(e, corrector, x, "snr") for e in alphas]
+        mcmc_step = _mcmc._corrector(corrector, x, chain.update.seed, chain.update.sample_offset, cfg["n_leapfrog"])
+        rates = torch.zeros(len(ts), N, dtype=torch.float64, device=x.device)
+
+        def time_energy(h: Tensor) -> Tensor:
+            return energy_fn(h, t_buf)
+
+    elif corrector != "none":
         alphas = _corrector_alpha(sde, idx)
         if batch_steps:
             corr_steps = _BatchNormSteps(chain, cfg["snr"], alphas)
@@ -770,7 +913,14 @@ def _pc_run(score_fn, sde, chain: _Chain, cfg: dict, desc: str, replace: _Replac
     try:
         for i, t in enumerate(ts):
             t_buf.fill_(t)
+            if mcmc_step is not None and n_corr:  # the cached energy and score are of another time and state
+                mcmc_step.chain.retarget(time_energy, f"at time {t:g}")
             for _ in range(n_corr):
+                if mcmc_step is not None:
+                    mcmc_step(chain.counter, mc_steps[i])
+                    chain.counter += 1
+                    rates[i] += mcmc_step.chain.accepted
+                    continue
                 score = chain.score(score_fn(x, t_buf))
                 if batch_steps:
                     chain.draw()  # the update's normals, then the known part's (score_sde's order)
@@ -796,7 +946,10 @@ def _pc_run(score_fn, sde, chain: _Chain, cfg: dict, desc: str, replace: _Replac
         # The known entries of the denoised result: the data's mean at the last time (score_sde writes the
         # noisy state, not its mean, into the unknown entries here: the denoised output keeps the mean).
         x_mean.lerp_(replace.mean_std(t_buf)[0], replace.mask)
-    return chain.result(x_mean if x_mean is not None else x)
+    result = chain.result(x_mean if x_mean is not None else x)
+    if not cfg.get("return_acceptance"):
+        return result
+    return _with_acceptance(result, rates / max(n_corr, 1))
 
 
 # ---- controllable generation (score_sde's inpainting, colorization; classifier guidance) --------------------

@@ -12,6 +12,12 @@ see :class:`EMAHelper`). Losses (fastscore.losses):
 * ``"sde"``: continuous-time DSM on the VE SDE with ``sigma_min/max = sigma_end/begin`` (score_sde); an
   NCSNv2 network gets the time as score_sde feeds a discrete-label model, ``round((T - t)(L - 1))``.
 
+``energy="residual"`` or ``"inner"`` trains the network as an energy instead
+(:func:`fastscore.models.as_energy`: the score is ``-grad_x E`` with ``E = |x - f(x, y)|^2 / 2`` or
+``-<x, f(x, y)> / 2``), with the same losses (each differentiates through the gradient);
+the checkpoint records the form (``"energy"``), so :func:`model_from_checkpoint` rebuilds the energy model
+and the Metropolis-adjusted samplers can run on it (docs/mcmc.md).
+
 Checkpoints are exactly ncsnv2's list: ``[model_state, optimizer_state, epoch, step]`` plus the EMA shadow
 when EMA is on, model keys with the ``module.`` prefix of ncsnv2's DataParallel wrapper, EMA keys without
 it (as ncsnv2's EMAHelper keeps them), so ncsnv2's runner resumes and samples them and
@@ -229,6 +235,28 @@ def toy_config(data: Tensor, *, name: str = "toy") -> object:
     )
 
 
+def _energy_form(energy) -> str | None:
+    """``energy``: None (a score network) or one of the energy heads' forms; :class:`TrainError` otherwise."""
+    from fastscore.models.energy import FORMS
+
+    if energy is not None and energy not in FORMS:
+        raise TrainError(f"energy: expected None or one of {', '.join(FORMS)}, got {energy!r}")
+    return energy
+
+
+def _as_energy(net: nn.Module, energy: str | None) -> nn.Module:
+    """The network, as an energy model when ``energy`` names a form; what takes_time reads is passed on."""
+    if energy is None:
+        return net
+    from fastscore.models.energy import as_energy
+
+    model = as_energy(net, form=energy)
+    conditioning = getattr(net, "conditioning", None)
+    if conditioning is not None:  # fastscore.model_sampling.takes_time reads it from the model it samples
+        model.conditioning = conditioning
+    return model
+
+
 def _build(config, loss: str, layers: str) -> nn.Module:
     if field(config, "model.arch", "any", None) == "ScoreMLP":
         from fastscore.models.mlp import ScoreMLP
@@ -329,17 +357,20 @@ def check_memory(config, *, loss: str = "dsm", batch_size: int | None = None, de
     return params
 
 
-def build_model(config, *, loss: str = "dsm", layers: str = "fused") -> nn.Module:
+def build_model(config, *, loss: str = "dsm", layers: str = "fused", energy: str | None = None) -> nn.Module:
     """The network ``config`` describes: an image model by :func:`fastscore.models.get_model`, or, for
     ``model.arch: ScoreMLP``, a :class:`fastscore.models.mlp.ScoreMLP` conditioned on the noise level
-    (labels and division by sigma; time for ``loss="sde"``).
+    (labels and division by sigma; time for ``loss="sde"``). ``energy`` (``"residual"`` or ``"inner"``): that
+    network as an energy model, :func:`fastscore.models.as_energy` (its parameters are the network's, under
+    ``energy_net.net.``).
 
     The config is checked first (:func:`fastscore.models.configs.check_config`) and the model counted
     without allocating it: a config whose weights alone exceed this machine's memory raises
     :class:`ConfigError` instead of exhausting it."""
+    energy = _energy_form(energy)
     config = get_config(config)
     check_memory(config, loss=loss, training=False)
-    return _build(config, loss, layers)
+    return _as_energy(_build(config, loss, layers), energy)
 
 
 def get_optimizer(config, parameters) -> torch.optim.Optimizer:
@@ -476,7 +507,7 @@ def export_checkpoint(src, dst, *, half: bool = True) -> int:
     params = set(shadow) if shadow else set()
     if half:
         state = {k: v.half() if k in params and v.is_floating_point() else v for k, v in state.items()}
-    keep = {k: meta[k] for k in ("config", "arch", "data", "loss", "seed", "step") if k in meta}
+    keep = {k: meta[k] for k in ("config", "arch", "data", "loss", "energy", "seed", "step") if k in meta}
     keep["format"] = _FORMAT
     keep["exported"] = {"ema": bool(params), "half": half}
     states = [_prefixed(state), {}, ckpt[2], ckpt[3]]
@@ -489,7 +520,8 @@ def export_checkpoint(src, dst, *, half: bool = True) -> int:
 def model_from_checkpoint(path, *, config=None, ema: bool = True, layers: str = "fused"):
     """``(model, config, meta)`` from a checkpoint: the config saved in it by ``fastscore train`` (or
     ``config`` for the original repos' files), weights by :func:`fastscore.models.load_checkpoint` (EMA by
-    default; checksums verified). Raises :class:`TrainError` for a missing config, ``CheckpointError`` for
+    default; checksums verified); an energy model (:func:`fastscore.models.as_energy`) when the run trained
+    one (``meta["energy"]``). Raises :class:`TrainError` for a missing config, ``CheckpointError`` for
     an unreadable, corrupt or misfit file and ``ConfigError`` for a config that cannot be built here."""
     from fastscore.models import load_into
 
@@ -503,7 +535,7 @@ def model_from_checkpoint(path, *, config=None, ema: bool = True, layers: str = 
         config = dict2namespace(meta["config"])
     else:
         config = get_config(config)
-    model = build_model(config, loss=meta.get("loss", "dsm"), layers=layers)
+    model = build_model(config, loss=meta.get("loss", "dsm"), layers=layers, energy=meta.get("energy"))
     load_into(ckpt, model, ema=ema, where=f"checkpoint {os.fspath(path)!r}")
     model.eval()
     return model, config, meta
@@ -741,6 +773,7 @@ def train(
     progress: bool = True,
     channels_last: bool | None = None,
     device: str | torch.device = "cpu",
+    energy: str | None = None,
 ) -> TrainResult:
     """Train the network ``config`` describes on ``data`` (N, C, H, W) images in [0, 1] (or (N, D) vectors
     for a ScoreMLP config) until step ``steps`` (default ``config.training.n_iters``), writing
@@ -756,6 +789,8 @@ def train(
     and generators as they were, so the result is bitwise that of one run; the checkpoint's config, loss,
     batch size and seed are used and must not contradict the ones given. ``channels_last`` (default: on
     for image models on the CPU, where it is the fastest layout) changes no result beyond rounding.
+    ``energy`` (``"residual"`` or ``"inner"``): train the network as an energy model (module docstring);
+    recorded in the checkpoint, and on ``resume`` taken from it (a contradicting one is refused).
 
     ``out_dir`` is held for the run (:func:`run_folder`): created if needed, locked against a second run
     into it (:class:`TrainError` at once), cleared of the temporary files of a killed run. The config is
@@ -768,6 +803,7 @@ def train(
     """
     if loss is not None and loss not in LOSSES:
         raise TrainError(f"loss: expected one of {', '.join(LOSSES)}, got {loss!r}")
+    energy = _energy_form(energy)
     seed = check_seed(seed)
     w = distributed.world()
     # rank 0 alone holds (and writes into) the run folder; the other ranks only read a checkpoint to resume
@@ -776,7 +812,7 @@ def train(
             config, data, os.fspath(out_dir), steps=steps, batch_size=batch_size, seed=seed, resume=resume,
             loss=loss, snapshot_freq=snapshot_freq, snapshot_samples=snapshot_samples,
             snapshot_steps_each=snapshot_steps_each, data_name=data_name, progress=progress,
-            channels_last=channels_last, device=device,
+            channels_last=channels_last, device=device, energy=energy,
         )  # fmt: skip
 
 
@@ -811,7 +847,7 @@ def _snapshot_sampling(config, samples: int | None, steps_each: int | None) -> t
 
 def _train(
     config, data, out_dir, *, steps, batch_size, seed, resume, loss, snapshot_freq, snapshot_samples,
-    snapshot_steps_each, data_name, progress, channels_last, device,
+    snapshot_steps_each, data_name, progress, channels_last, device, energy,
 ) -> TrainResult:  # fmt: skip
     path = os.path.join(out_dir, CHECKPOINT_NAME)
     w = distributed.world()
@@ -829,7 +865,11 @@ def _train(
         for name, given, saved in (("loss", loss, meta["loss"]), ("batch size", batch_size, meta["batch_size"])):
             if given is not None and given != saved:
                 raise TrainError(f"--resume: the run in {out_dir!r} was started with {name} {saved}, not {given}")
-        loss, batch_size, seed = meta["loss"], meta["batch_size"], meta["seed"]
+        saved = meta.get("energy")
+        if energy is not None and energy != saved:
+            was = f"as an energy ({saved})" if saved else "as a score model"
+            raise TrainError(f"--resume: the run in {out_dir!r} trains the network {was}, not as an energy ({energy})")
+        loss, batch_size, seed, energy = meta["loss"], meta["batch_size"], meta["seed"], saved
     else:
         config = get_config(config)
         loss = loss or "dsm"
@@ -842,7 +882,7 @@ def _train(
     check_memory(config, loss=loss, batch_size=batch_size, device=device)
 
     torch.manual_seed(seed)
-    model = build_model(config, loss=loss).to(device)
+    model = build_model(config, loss=loss, energy=energy).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = get_optimizer(config, model.parameters())
@@ -894,12 +934,14 @@ def _train(
     meta_common = {
         "format": _FORMAT,
         "config": namespace2dict(config),
-        "arch": type(model).__name__,
+        "arch": type(model.energy_net.net if energy else model).__name__,
         "data": data_name,
         "loss": loss,
         "seed": seed,
         "batch_size": batch_size,
     }
+    if energy:  # only then: a score model's checkpoint is as it was
+        meta_common["energy"] = energy
 
     def extra():
         return {

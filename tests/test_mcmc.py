@@ -20,6 +20,8 @@ import pytest
 import torch
 
 from fastscore import mcmc
+from fastscore import sampling
+from fastscore import sde as sde_lib
 from fastscore.data.toy import ncsn_toy_mixture
 from fastscore.ops import langevin_step_
 
@@ -279,6 +281,8 @@ def test_energy_and_score_is_minus_the_gradient():
     torch.testing.assert_close(e, 0.5 * (A * x * x).sum(1), rtol=0, atol=0)
     e, s = mcmc.energy_and_score(lambda x: x.new_ones(x.shape[0]), x)  # independent of x: score 0
     assert torch.equal(s, torch.zeros_like(x))
+    e, s = mcmc.energy_and_score(lambda x: x.sum(1), x)  # autograd's gradient is a broadcast of ones
+    assert torch.equal(s, -torch.ones_like(x))
 
 
 # ---- bad input -------------------------------------------------------------------------------------------
@@ -344,3 +348,199 @@ def test_hmc_n_leapfrog_is_checked():
         _call("hmc", n_leapfrog=0)
     with pytest.raises(TypeError, match="n_leapfrog: expected an integer"):
         _call("hmc", n_leapfrog=1.0)
+
+
+# ---- annealed MALA / HMC as correctors of fastscore.sampling ---------------------------------------------------
+
+TOY_SIGMAS = torch.exp(torch.linspace(math.log(20.0), 0.0, 10))  # NCSN's toy levels, 20 -> 1
+
+
+def toy_energy(x, labels):
+    """The exact noise-conditional energy of NCSN's toy mixture at level ``labels`` (annealed_langevin's)."""
+    return -ncsn_toy_mixture().log_prob(x, TOY_SIGMAS[labels])
+
+
+def toy_score(x, labels):
+    return ncsn_toy_mixture().score(x, TOY_SIGMAS[labels])
+
+
+def toy_start(n: int) -> torch.Tensor:
+    return torch.rand(n, 2, generator=torch.Generator().manual_seed(0)) * 16 - 8
+
+
+@pytest.mark.parametrize("corrector", ["mala", "hmc"])
+def test_annealed_langevin_with_mala_and_hmc_correctors_recovers_the_toy_weights(corrector):
+    """NCSN's toy from U[-8, 8]^2 through the levels 20 -> 1 with the exact perturbed energies: the 0.8 / 0.2
+    weights within 5 binomial standard errors plus 0.01 (the mass the freezing level leaves on the wrong
+    side), at a step ten times the Langevin test's (step_lr 0.5): the Metropolis test keeps it exact."""
+    N = 2000
+    x, rates = sampling.annealed_langevin(
+        toy_score, toy_start(N), TOY_SIGMAS, n_steps_each=20, step_lr=0.5, denoise=False, seed=21,
+        corrector=corrector, energy_fn=toy_energy, n_leapfrog=2, return_acceptance=True,
+    )  # fmt: skip
+    frac = mode_fraction(x)
+    assert abs(frac - 0.8) < 5 * math.sqrt(0.8 * 0.2 / N) + 0.01, f"{corrector}: fraction in the 0.8 mode {frac}"
+    assert rates.shape == (len(TOY_SIGMAS), N) and rates.dtype == torch.float64
+    assert bool((rates.mean(1) > 0.7).all()), f"{corrector}: acceptance per level {rates.mean(1).tolist()}"
+    # the last level samples the mixture perturbed by N(0, I): N(mode, 2 I) near each mode
+    dist = torch.minimum((x - 5).norm(dim=1), (x + 5).norm(dim=1))
+    assert abs(dist.mean().item() - math.sqrt(math.pi)) < 0.1, dist.mean()
+
+
+def test_pc_sampler_with_the_mala_corrector_recovers_the_toy_weights_on_a_ve_sde():
+    N = 1000
+    sde = sde_lib.VESDE(sigma_min=0.01, sigma_max=20.0, N=30)
+    gmm = ncsn_toy_mixture()
+
+    def std(x, t):
+        return sde.marginal_prob(x, t)[1]
+
+    for corrector in ("mala", "hmc"):
+        x, rates = sampling.pc_sampler(
+            lambda x, t: gmm.score(x, std(x, t)), sde, (N, 2), corrector=corrector, snr=0.5, n_corrector_steps=2,
+            energy_fn=lambda x, t: -gmm.log_prob(x, std(x, t)), seed=22, return_acceptance=True,
+        )  # fmt: skip
+        frac = mode_fraction(x)
+        assert abs(frac - 0.8) < 5 * math.sqrt(0.8 * 0.2 / N) + 0.01, f"{corrector}: fraction {frac}"
+        assert rates.shape == (sde.N, N)
+        assert rates.mean() > 0.8, f"{corrector}: acceptance {rates.mean()}"
+        assert x.isfinite().all()
+
+
+@pytest.mark.parametrize("corrector", ["mala", "hmc"])
+def test_a_level_of_the_annealed_corrector_is_mcmc_with_the_counter_of_its_first_iteration(corrector):
+    """The corrector runs fastscore.mcmc's iteration: annealed over L levels it is bitwise L calls of mala /
+    hmc, level i with the level's energy, the step step_lr (sigma_i / sigma_L)^2 (HMC: h = sqrt(2 that)) and
+    counter i n_steps_each, so no two levels draw the same noise."""
+    x0, n_each, lr = toy_start(64), 4, 0.3
+    got, rates = sampling.annealed_langevin(
+        toy_score, x0, TOY_SIGMAS, n_steps_each=n_each, step_lr=lr, denoise=False, seed=23, corrector=corrector,
+        energy_fn=toy_energy, n_leapfrog=2, return_acceptance=True,
+    )  # fmt: skip
+    x = x0
+    for level in range(len(TOY_SIGMAS)):
+        alpha = lr * (TOY_SIGMAS[level].item() / TOY_SIGMAS[-1].item()) ** 2
+        labels = torch.full((x.shape[0],), level)
+        energy = lambda h, labels=labels: toy_energy(h, labels)  # noqa: E731
+        if corrector == "mala":
+            r = mcmc.mala(energy, x, alpha, n_each, seed=23, counter=level * n_each)
+        else:
+            r = mcmc.hmc(energy, x, math.sqrt(2 * alpha), 2, n_each, seed=23, counter=level * n_each)
+        assert torch.equal(r.acceptance_rate, rates[level]), f"level {level}"
+        x = r.x
+    assert torch.equal(got, x)
+
+
+def test_annealed_correctors_are_batch_invariant_and_reproducible():
+    x0 = toy_start(12)
+    kw = dict(n_steps_each=3, step_lr=0.3, seed=24, energy_fn=toy_energy)
+    for corrector in ("mala", "hmc"):
+        batch = sampling.annealed_langevin(toy_score, x0, TOY_SIGMAS, corrector=corrector, sample_offset=40, **kw)
+        again = sampling.annealed_langevin(toy_score, x0, TOY_SIGMAS, corrector=corrector, sample_offset=40, **kw)
+        assert torch.equal(batch, again), "the same seed, the same samples"
+        for k in (0, 7, 11):
+            one = sampling.annealed_langevin(
+                toy_score, x0[k : k + 1], TOY_SIGMAS, corrector=corrector, sample_offset=40 + k, **kw
+            )
+            assert torch.equal(one[0], batch[k]), f"{corrector}: sample {k}"
+        other = sampling.annealed_langevin(toy_score, x0, TOY_SIGMAS, corrector=corrector, **{**kw, "seed": 25})
+        assert not torch.equal(other, batch)
+    sde = sde_lib.VESDE(sigma_min=0.01, sigma_max=20.0, N=5)
+    gmm = ncsn_toy_mixture()
+    pkw = dict(corrector="hmc", n_corrector_steps=2, seed=26, snr=0.3)
+    pkw["energy_fn"] = lambda x, t: -gmm.log_prob(x, sde.marginal_prob(x, t)[1])
+    score = lambda x, t: gmm.score(x, sde.marginal_prob(x, t)[1])  # noqa: E731
+    prior = sampling.pc_sampler(score, sde, (6, 2), seed=26, corrector="none", predictor="none", denoise=False)
+    batch = sampling.pc_sampler(score, sde, (6, 2), x_init=prior, **pkw)
+    for k in (0, 5):
+        one = sampling.pc_sampler(score, sde, (1, 2), x_init=prior[k : k + 1], sample_offset=k, **pkw)
+        assert torch.equal(one[0], batch[k]), f"pc: sample {k}"
+
+
+def test_annealed_corrector_results_with_intermediates_and_the_default_corrector():
+    x0 = toy_start(8)
+    kw = dict(n_steps_each=2, step_lr=0.3, seed=27)
+    x, inter, rates = sampling.annealed_langevin(
+        toy_score, x0, TOY_SIGMAS, corrector="mala", energy_fn=toy_energy, return_intermediates=True,
+        return_acceptance=True, **kw,
+    )  # fmt: skip
+    assert len(inter) == len(TOY_SIGMAS) * 2 + 1 and rates.shape == (len(TOY_SIGMAS), 8)
+    assert torch.equal(inter[-1], x), "the denoised result is the last intermediate"
+    before = x0.clone()
+    sampling.annealed_langevin(toy_score, x0, TOY_SIGMAS, corrector="hmc", energy_fn=toy_energy, **kw)
+    assert torch.equal(x0, before), "x is not modified"
+    default = sampling.annealed_langevin(toy_score, x0, TOY_SIGMAS, **kw)
+    assert torch.equal(default, sampling.annealed_langevin(toy_score, x0, TOY_SIGMAS, corrector="langevin", **kw))
+
+
+def _ald(**kw):
+    args = dict(n_steps_each=1, step_lr=0.1, seed=1, corrector="mala", energy_fn=toy_energy)
+    args.update(kw)
+    return sampling.annealed_langevin(toy_score, toy_start(4), TOY_SIGMAS, **args)
+
+
+def _pc(**kw):
+    gmm = ncsn_toy_mixture()
+    sde = sde_lib.VESDE(sigma_min=0.01, sigma_max=20.0, N=3)
+    args = dict(corrector="mala", seed=1, energy_fn=lambda x, t: -gmm.log_prob(x, sde.marginal_prob(x, t)[1]))
+    args.update(kw)
+    return sampling.pc_sampler(lambda x, t: -x, sde, (4, 2), **args)
+
+
+CORRECTOR_BAD = {
+    "no energy_fn": (dict(energy_fn=None), ValueError, "energy_fn: the 'mala' corrector needs the energy"),
+    "energy_fn not callable": (dict(energy_fn=3), TypeError, "energy_fn: expected a callable"),
+    "energy_fn without an mcmc corrector": (
+        dict(corrector="langevin"),
+        ValueError,
+        "energy_fn: only the 'mala' and 'hmc' correctors use it",
+    ),
+    "acceptance without an mcmc corrector": (
+        dict(corrector="langevin", energy_fn=None, return_acceptance=True),
+        ValueError,
+        "return_acceptance: acceptance rates come from",
+    ),
+    "return_acceptance not a bool": (dict(return_acceptance=1), TypeError, "return_acceptance: expected a bool"),
+    "outside noise": (dict(noise=torch.Generator()), ValueError, "noise: the 'mala' corrector draws"),
+    "n_leapfrog zero": (dict(corrector="hmc", n_leapfrog=0), ValueError, "n_leapfrog: expected an integer >= 1"),
+    "n_leapfrog float": (dict(corrector="hmc", n_leapfrog=2.0), TypeError, "n_leapfrog: expected an integer"),
+    "energy shape": (
+        dict(energy_fn=lambda x, c: x.sum()),
+        ValueError,
+        r"energy_fn: returned shape \(\), expected \(4,\)",
+    ),
+    "energy NaN": (
+        dict(energy_fn=lambda x, c: x.sum(1) * math.nan),
+        ValueError,
+        r"energy_fn: NaN energies or non-finite scores at the start of level 0, in sample\(s\) \[0, 1, 2, 3\]",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CORRECTOR_BAD))
+def test_annealed_langevin_corrector_arguments_are_checked(case):
+    kw, exc, message = CORRECTOR_BAD[case]
+    with pytest.raises(exc, match=message):
+        _ald(**kw)
+
+
+def test_annealed_corrector_names_and_steps_are_checked():
+    with pytest.raises(ValueError, match="corrector: expected one of 'langevin', 'mala', 'hmc', got 'ald'"):
+        _ald(corrector="ald")
+    with pytest.raises(TypeError, match="corrector: expected one of"):
+        _ald(corrector=None)
+    with pytest.raises(ValueError, match="step_lr: expected a positive finite number"):
+        _ald(step_lr=0.0)
+    with pytest.raises(ValueError, match="corrector: expected one of 'langevin', 'ald', 'none', 'mala', 'hmc'"):
+        _pc(corrector="metropolis")
+    with pytest.raises(ValueError, match="energy_fn: the 'hmc' corrector needs the energy: pass energy_fn\\(x, t\\)"):
+        _pc(corrector="hmc", energy_fn=None)
+    with pytest.raises(ValueError, match="batch_norm_step: score_sde's batch-averaged step"):
+        _pc(batch_norm_step=True)
+    with pytest.raises(ValueError, match="snr: expected a positive finite number"):
+        _pc(snr=0.0)
+    with pytest.raises(ValueError, match="energy_fn: only the 'mala' and 'hmc' correctors use it, not 'ald'"):
+        _pc(corrector="ald")
+    sde = sde_lib.VESDE(sigma_min=0.01, sigma_max=20.0, N=3)
+    with pytest.raises(ValueError, match="corrector: expected one of 'langevin', 'ald', 'none', got 'mala'"):
+        sampling.pc_inpaint(lambda x, t: -x, sde, torch.zeros(2, 2), torch.ones(1, 2), corrector="mala")
