@@ -1,7 +1,8 @@
 """``fastscore demo``: the main job on the bundled default, in three parts (:func:`run`).
 
 1. Digits: a grid of samples of the small NCSNv2 checkpoint shipped in the package
-   (fastscore/checkpoints/demo_digits.pth), by annealed Langevin with its config's settings.
+   (fastscore/checkpoints/demo_digits.pth), by annealed Langevin with its config's settings, and a grid of
+   the same model in 20 network evaluations by a few-step solver (fastscore.solvers; :data:`FEW_STEP`).
 2. The NCSN toy: Langevin vs annealed Langevin on ncsn's 0.8 / 0.2 Gaussian mixture with exact scores, and
    the mixture weights each recovers.
 3. Speed: fastscore's fused Langevin step and NCSNv2 forward against ncsnv2's formulation (the reference
@@ -19,7 +20,15 @@ CHECKPOINT = "demo_digits.pth"
 # The demo samples the shipped checkpoint with the sampling settings of its config (the bundled demo_digits.yml,
 # which the checkpoint carries: 10 Langevin steps per level at step_lr 5e-5); --quick takes 3 steps per level.
 QUICK_STEPS_EACH = 3
-OUTPUTS = ("demo_digits.png", "ncsn_toy.png")  # the images run() writes into its folder
+# The few-step grid: stochastic DDIM with eta = 1 (ancestral sampling), 20 steps of one evaluation each. On this
+# model it is the solver that reaches the PC sampler's 1000-step error in the fewest evaluations (`fastscore bench
+# sampling`, docs/solvers.md#sampling-a-trained-model); the deterministic solvers (DPM-Solver++(2M), Heun, DDIM
+# eta = 0) follow the probability-flow ODE of the model's imperfect score, which leaves some samples noisy at any
+# number of steps.
+FEW_STEP = {"method": "ddim", "eta": 1.0, "steps": 20}
+QUICK_FEW_STEPS = 10
+FEW_STEP_NAME = "ancestral DDIM (eta 1)"
+OUTPUTS = ("demo_digits.png", "demo_digits_20evals.png", "ncsn_toy.png")  # the images run() writes into its folder
 
 
 def shipped_checkpoint() -> str:
@@ -57,8 +66,9 @@ def median_times(fns: dict, rounds: int) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def digits(out_dir: str, quick: bool) -> str:
-    """(1): samples of the shipped checkpoint, as a grid in ``out_dir``; returns its path."""
+def digits(out_dir: str, quick: bool) -> tuple[str, str]:
+    """(1): samples of the shipped checkpoint, by annealed Langevin and in 20 evaluations (:data:`FEW_STEP`),
+    as two grids in ``out_dir``; returns their paths."""
     import time
 
     import torch
@@ -82,6 +92,36 @@ def digits(out_dir: str, quick: bool) -> str:
     print(f"(1) digits: {n} samples of NCSNv2 ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
           f"trained {meta.get('step', '?')} steps on scikit-learn's digits), annealed Langevin {levels} levels x "
           f"{steps_each} steps, in {seconds:.1f} s -> {target}")  # fmt: skip
+    # --quick: one row of 8 in 10 steps; at such small batches a network call costs about the same whatever the
+    # batch, so the calls set the time: 10 add a fifth to the 49 of --quick's annealed Langevin (20: two fifths)
+    fast_target = few_step_digits(out_dir, model, config, meta, 8 if quick else n, levels * steps_each + 1,
+                                  QUICK_FEW_STEPS if quick else FEW_STEP["steps"])  # fmt: skip
+    return target, fast_target
+
+
+def few_step_digits(out_dir: str, model, config, meta: dict, n: int, ald_evals: int, steps: int = 20) -> str:
+    """(1), second grid: ``n`` samples of the same model by :data:`FEW_STEP`'s solver in ``steps`` steps (as many
+    evaluations), from seed 0, in ``out_dir``; returns its path. ``ald_evals``: the annealed-Langevin run's
+    evaluations, for the line (which compares evaluations, not the two runs' times: they are not interleaved,
+    and on a shared machine the load changes between them)."""
+    import time
+
+    from fastscore.data.images import inverse_data_transform
+    from fastscore.data.images import save_image_grid
+    from fastscore.model_sampling import batch_invariant
+    from fastscore.model_sampling import sde_for
+    from fastscore.solvers import solve
+
+    score, sde = sde_for(model, config, meta)  # the VE SDE spanning the model's noise levels, nearest level's label
+    shape = (n, config.data.channels, config.data.image_size, config.data.image_size)
+    start = time.perf_counter()
+    x, info = solve(batch_invariant(score), sde, shape, seed=0, return_info=True, **{**FEW_STEP, "steps": steps})
+    seconds = time.perf_counter() - start
+    target = os.path.join(out_dir, "demo_digits_20evals.png")
+    save_image_grid(target, inverse_data_transform(config, x), nrow=8)
+    print(f"    the same model in {info.nfe} evaluations ({FEW_STEP_NAME}, {steps} steps), "
+          f"{ald_evals / info.nfe:.1f}x fewer than annealed Langevin's {ald_evals}: {n} samples in {seconds:.1f} s "
+          f"-> {target}")  # fmt: skip
     return target
 
 

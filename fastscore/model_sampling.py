@@ -346,6 +346,7 @@ def sample(
     sde_steps: int | None = None,
     snr: float = PC_SNR,
     steps: int | None = None,
+    eta: float | None = None,
     known: Tensor | None = None,
     mask: Tensor | None = None,
     colorize: bool = False,
@@ -364,7 +365,8 @@ def sample(
     * ``"ode"``: the probability-flow ODE (rtol = atol = 1e-3);
     * ``"dpm"``, ``"heun"``, ``"ddim"``, ``"adaptive"``: the few-step solvers (:func:`fastscore.solvers.solve`:
       DPM-Solver++(2M), Heun, DDIM, Gotta Go Fast) with ``steps`` steps (default 20; the adaptive solver chooses
-      its own);
+      its own); ``eta``: DDIM's noise (default 0, deterministic; 1 is ancestral sampling, the best of them on
+      the shipped digits model: docs/solvers.md#sampling-a-trained-model);
     * ``"mala"``, ``"hmc"``: annealed MALA / HMC over the config's noise levels, with annealed Langevin's
       levels, steps per level and step sizes (HMC: 3 leapfrog steps of ``sqrt(2 alpha_i)``; docs/mcmc.md) and
       its final denoising step; an energy model only (``fastscore train --energy``, :func:`energy_model`).
@@ -397,6 +399,8 @@ def sample(
         )
     if steps is not None and sampler not in SOLVERS[:3]:
         raise ValueError(f"steps: the number of steps of the few-step solvers {', '.join(SOLVERS[:3])}, not {sampler}")
+    if eta is not None and sampler != "ddim":
+        raise ValueError(f"eta: the noise of the ddim sampler's steps, not an option of {sampler}")
     if (mask is not None or colorize) and (sampler not in ("ald", "pc") or known is None):
         raise ValueError(
             "inpainting (mask) and colorization run annealed Langevin ('ald', inpainting only) or the "
@@ -435,8 +439,9 @@ def sample(
         from fastscore.solvers import solve
 
         n_steps = None if sampler == "adaptive" else (steps or SOLVER_STEPS)
+        extra = {} if eta is None else {"eta": eta}
         out = solve(score_fn, sde, shape, method=sampler, steps=n_steps, seed=seed, progress=progress,
-                    sample_offset=rows.start, device=_device(model))  # fmt: skip
+                    sample_offset=rows.start, device=_device(model), **extra)  # fmt: skip
     else:
         from fastscore.sampling import ode_sampler
 

@@ -15,7 +15,8 @@ sample --sampler ddim|heun|dpm|adaptive --steps N`` calls):
 - ``"adaptive"``: the adaptive-step SDE solver of Jolicoeur-Martineau et al. (2021, "Gotta Go Fast"):
   Euler-Maruyama and stochastic improved Euler on the reverse SDE with the same noise, the difference
   controlling each sample's step (mixed tolerance ``atol`` / ``rtol`` against the current and previous
-  Euler-Maruyama states, scaled L2 norm, safety 0.9, exponent 0.9), the improved-Euler state kept;
+  Euler-Maruyama states, scaled L2 norm, safety 0.9, exponent 0.9), the improved-Euler state kept, a
+  rejected step's Brownian increment kept for its retry (split by the Brownian bridge) rather than redrawn;
   it reports its number of evaluations (``return_info=True``).
 
 Every fixed-step solver works in sigma form, k-diffusion's and DPM-Solver's: every SDE here perturbs the
@@ -402,6 +403,74 @@ class _TimeProgress:
             self.bar.close()
 
 
+# Counters of the adaptive solver's Brownian-bridge normals: above every attempt's own counter (attempt j draws
+# counter j) and below the prior's (2^62); attempt j's k-th bridge draw is BRIDGE_COUNTER + j * BRIDGE_DRAWS + k.
+BRIDGE_COUNTER = 1 << 61
+BRIDGE_DRAWS = 1 << 20
+
+
+class _BrownianMemory:
+    r"""The adaptive solver's Brownian increments with memory of rejected ones (rejection sampling with memory,
+    Rackauckas & Nie 2017): a rejected attempt's increment :math:`W` over its step :math:`h` is kept, not
+    redrawn, so the accepted noise is no selection of draws. Per sample, a stack of the future's known
+    increments (length in time, increment), the earliest on top. A step of length h takes whole segments from
+    the top while they fit, splits the next one by the Brownian bridge (the part over q of a segment (L, W) is
+    :math:`N(\tfrac{q}{L} W, \tfrac{q (L - q)}{L})`, the rest stays on top) and draws a fresh
+    :math:`N(0, h')` for what the stack does not cover; a rejected attempt pushes its (h, increment) back."""
+
+    def __init__(self, x: Tensor, gen: FusedUpdate, given):
+        N = x.shape[0]
+        self.length = torch.zeros(N, 0, dtype=torch.float64, device=x.device)
+        self.incr = x.new_zeros((N, 0) + tuple(x.shape[1:]))
+        self.depth = torch.zeros(N, dtype=torch.int64, device=x.device)
+        self.z = torch.empty_like(x)
+        self.gen, self.given = gen, given
+
+    def _normals(self, counter: int) -> Tensor:
+        return self.given.fill(self.z) if self.given is not None else self.gen.randn_into(self.z, counter)
+
+    def _view(self, v: Tensor) -> Tensor:
+        return v.to(self.incr.dtype).reshape((v.shape[0],) + (1,) * (self.incr.dim() - 2))
+
+    def take(self, rows: Tensor | None, h: Tensor, attempt: int) -> Tensor:
+        """The increments over the next step h (float64, one per row) of the samples ``rows`` (all if None)."""
+        rows = torch.arange(h.shape[0], device=h.device) if rows is None else rows
+        need = h.clone()
+        fresh = self._normals(attempt).index_select(0, rows)  # drawn every attempt (a caller's source: one draw)
+        out = torch.zeros_like(fresh)
+        for k in range(BRIDGE_DRAWS):
+            active = ((need > 0) & (self.depth.index_select(0, rows) > 0)).nonzero()[:, 0]
+            if active.numel() == 0:
+                break
+            r = rows.index_select(0, active)
+            top = self.depth.index_select(0, r) - 1
+            L, W, q = self.length[r, top], self.incr[r, top], need.index_select(0, active)
+            whole = L <= q
+            frac = torch.where(whole, torch.ones_like(q), q / L)
+            sd = torch.where(whole, torch.zeros_like(q), torch.sqrt((q * (L - q)).clamp_min(0.0) / L))
+            z = self._normals(BRIDGE_COUNTER + attempt * BRIDGE_DRAWS + k).index_select(0, r)
+            part = W * self._view(frac) + z * self._view(sd)
+            out.index_add_(0, active, part)
+            need.index_copy_(0, active, torch.where(whole, q - L, torch.zeros_like(q)))
+            self.length[r, top] = torch.where(whole, torch.zeros_like(L), L - q)
+            self.incr[r, top] = W - part
+            self.depth.index_add_(0, r, -whole.long())
+        return out.add_(fresh * self._view(need.sqrt()))
+
+    def push(self, rows: Tensor, h: Tensor, increments: Tensor) -> None:
+        """Keep the increments of rejected attempts (rows: global sample indices) for their retries."""
+        if rows.numel() == 0:
+            return
+        d = self.depth.index_select(0, rows)
+        grow = int(d.max()) + 1 - self.length.shape[1]
+        if grow > 0:
+            self.length = torch.cat([self.length, self.length.new_zeros(self.length.shape[0], grow)], 1)
+            self.incr = torch.cat([self.incr, self.incr.new_zeros((self.incr.shape[0], grow) + self.incr.shape[2:])], 1)
+        self.length[rows, d] = h
+        self.incr[rows, d] = increments
+        self.depth.index_add_(0, rows, torch.ones_like(rows))
+
+
 def _adaptive(score_fn, sde, x: Tensor, eps: float, opts: dict, key, given, progress: bool, denoise: bool):
     N = x.shape[0]
     dev = x.device
@@ -416,8 +485,8 @@ def _adaptive(score_fn, sde, x: Tensor, eps: float, opts: dict, key, given, prog
     accepted = torch.zeros(N, dtype=torch.int64, device=dev)
     rejected = torch.zeros(N, dtype=torch.int64, device=dev)
     bad = torch.zeros(N, dtype=torch.bool, device=dev)
-    z_buf = torch.empty_like(x)
     gen = FusedUpdate(x, seed=key[0], sample_offset=key[1], noise_given=given is not None)
+    brownian = _BrownianMemory(x, gen, given)
     nfe = 0
     bar = _TimeProgress(progress, float(sde.T), eps)
 
@@ -428,14 +497,14 @@ def _adaptive(score_fn, sde, x: Tensor, eps: float, opts: dict, key, given, prog
         out = _validate.check_score(score_fn(xs, ts.to(t_dtype)), xs)
         return out.detach() if out.requires_grad else out
 
-    def terms(xs: Tensor, ts: Tensor, hs: Tensor, z: Tensor):
-        """K = h (-f_a(t) x + g(t)^2 s(x, t)) + g(t) sqrt(h) z: the reverse SDE's Euler-Maruyama increment."""
+    def terms(xs: Tensor, ts: Tensor, hs: Tensor, dw: Tensor):
+        """K = h (-f_a(t) x + g(t)^2 s(x, t)) + g(t) dW, dW ~ N(0, h): the reverse SDE's Euler-Maruyama increment."""
         s = score(xs, ts)
         f = torch.as_tensor(sde.drift_coef(ts), dtype=torch.float64, device=dev).expand(ts.shape)
         g = torch.as_tensor(sde.diffusion_coef(ts), dtype=torch.float64, device=dev).expand(ts.shape)
         k = xs * view(-f * hs, xs)
         k.add_(s * view(g * g * hs, xs))
-        return k.add_(z * view(g * torch.sqrt(hs), xs))
+        return k.add_(dw * view(g, xs))
 
     try:
         for attempt in range(opts["max_steps"] + 1):
@@ -459,18 +528,18 @@ def _adaptive(score_fn, sde, x: Tensor, eps: float, opts: dict, key, given, prog
                     f"attempts ({n_running} sample(s) left at t = {_validate.some(t[running].tolist())}); loosen "
                     "rtol / atol or raise max_steps"
                 )
-            z_full = given.fill(z_buf) if given is not None else gen.randn_into(z_buf, attempt)
             idx = None if n_running == N else running.nonzero()[:, 0]
 
             def rows_of(v: Tensor, idx=idx) -> Tensor:
                 return v if idx is None else v.index_select(0, idx)
 
-            xa, pa, z = rows_of(x), rows_of(x_prev), rows_of(z_full)
+            xa, pa = rows_of(x), rows_of(x_prev)
             ta, ha = rows_of(t), rows_of(h)
-            k1 = terms(xa, ta, ha, z)
+            dw = brownian.take(idx, ha, attempt)
+            k1 = terms(xa, ta, ha, dw)
             x_em = xa + k1  # Euler-Maruyama
             t_next = ta - ha
-            k2 = terms(x_em, t_next, ha, z)
+            k2 = terms(x_em, t_next, ha, dw)
             err = k2.sub_(k1).mul_(0.5)  # (K2 - K1) / 2
             x_new = x_em + err  # x + (K1 + K2) / 2: stochastic improved Euler
             scale = torch.maximum(pa.abs(), x_em.abs()).mul_(rtol).clamp_min_(atol)
@@ -483,6 +552,9 @@ def _adaptive(score_fn, sde, x: Tensor, eps: float, opts: dict, key, given, prog
             h_max = (t_out - eps).clamp_min(0.0)
             h_out = torch.minimum(h_max, safety * ha * _exp_log_power(norm, -exponent))
             finite = torch.isfinite(norm)
+            rejected_rows = (~ok).nonzero()[:, 0]
+            brownian.push(rejected_rows if idx is None else idx.index_select(0, rejected_rows),
+                          ha.index_select(0, rejected_rows), dw.index_select(0, rejected_rows))  # fmt: skip
             if idx is None:
                 x, x_prev, t, h = x_out, prev_out, t_out, h_out
                 evals += 2

@@ -29,6 +29,7 @@ from fastscore import sde as sde_lib
 from fastscore import solvers
 from fastscore.data import ncsn_toy_mixture
 from fastscore.ops import counter_randn
+from fastscore.ops.langevin_step import FusedUpdate
 
 pytestmark = pytest.mark.one_thread  # small tensors (conftest.py)
 
@@ -383,10 +384,9 @@ def test_3x32x32_gaussian_with_20_dpm_steps():
 @pytest.mark.parametrize("sde_name", ["ve", "vp"])
 def test_adaptive_solver_samples_a_high_dimensional_gaussian_and_counts_evaluations(sde_name):
     """Gotta Go Fast's solver on N(0, diag(var)), D = 256, var from 0.25 to 2: per-dimension variances averaged
-    over 4 bands of 64 within 5 standard errors (sqrt(2 / (n 64))) plus 3 %. In 2-D its rejections, redrawn
-    with new noise, select the noise they accept and inflate the variance (docs/solvers.md#the-adaptive-sde-solver).
-    The evaluations it reports are its own: 2 per attempted step plus the denoising, per sample; tighter
-    tolerances take more."""
+    over 4 bands of 64 within 5 standard errors (sqrt(2 / (n 64))) plus 3 % (2-D, where rejections are frequent:
+    test_adaptive_solver_is_unbiased_in_two_dimensions). The evaluations it reports are its own: 2 per attempted
+    step plus the denoising, per sample; tighter tolerances take more."""
     sde = make_sde(sde_name)
     D, n = 256, 96
     var = torch.linspace(0.25, 2.0, D, dtype=torch.float64)
@@ -410,6 +410,43 @@ def test_adaptive_solver_samples_a_high_dimensional_gaussian_and_counts_evaluati
     assert (bands - 1).abs().max().item() < 5 * math.sqrt(2 / (n * 64)) + 0.03, bands.tolist()
     tight = solvers.solve(score, sde, (n, D), method="adaptive", rtol=0.01, seed=SEED, return_info=True)[1]
     assert tight.nfe_per_sample.float().mean() > 1.5 * info.nfe_per_sample.float().mean()
+
+
+@pytest.mark.parametrize("sde_name", ["ve", "vp"])
+def test_adaptive_solver_is_unbiased_in_two_dimensions(sde_name):
+    """In 2-D, where 40 % of the attempts are rejected, the rejected attempts' noise is kept (the Brownian bridge
+    splits it for the retry) rather than redrawn, so the accepted steps are no selection of noise draws: the
+    correlated Gaussian's mean and covariance within 5 standard errors plus 3 % (redrawn, the variances came out
+    twice the data's)."""
+    sde = make_sde(sde_name)
+    n = 4000
+    x, info = solvers.solve(GaussianScore(sde, MU_2D, COV_2D), sde, (n, 2), method="adaptive", seed=SEED,
+                            return_info=True)  # fmt: skip
+    assert info.n_rejected.sum() > 0.2 * (info.n_steps + info.n_rejected).sum()  # the case that selected noise
+    mean_err, cov_err = moment_errors(x, MU_2D, COV_2D)
+    allowance = 0.03 * math.sqrt(n / 2)
+    assert mean_err < 5 + allowance, f"mean off by {mean_err:.1f} standard errors: {x.mean(0).tolist()}"
+    assert cov_err < 5 + allowance, f"covariance off by {cov_err:.1f} standard errors: {torch.cov(x.double().T)}"
+
+
+def test_brownian_memory_splits_a_kept_increment_by_the_bridge():
+    """A kept increment W over h, taken back in parts q and h - q, sums to W exactly; the first part is
+    N(q / h W, q (h - q) / h) (moments over 20000 rows within 5 standard errors); beyond the kept segment the
+    increment adds fresh N(0, h') noise."""
+    n, h, q = 20000, 0.3, 0.1
+    x = torch.zeros(n, 1, dtype=torch.float64)
+    mem = solvers._BrownianMemory(x, FusedUpdate(x, seed=SEED), None)
+    W = torch.full((n, 1), 0.5, dtype=torch.float64)
+    mem.push(torch.arange(n), torch.full((n,), h, dtype=torch.float64), W)
+    first = mem.take(None, torch.full((n,), q, dtype=torch.float64), attempt=0)
+    second = mem.take(None, torch.full((n,), h - q, dtype=torch.float64), attempt=1)
+    torch.testing.assert_close(first + second, W, rtol=0, atol=1e-12)
+    assert int(mem.depth.sum()) == 0
+    var = q * (h - q) / h
+    assert abs(first.mean().item() - q / h * 0.5) < 5 * math.sqrt(var / n)
+    assert abs(first.var().item() / var - 1) < 5 * math.sqrt(2 / n)
+    later = mem.take(None, torch.full((n,), 0.2, dtype=torch.float64), attempt=2)  # nothing kept: fresh N(0, 0.2)
+    assert abs(later.var().item() / 0.2 - 1) < 5 * math.sqrt(2 / n)
 
 
 # ---- diffusers -------------------------------------------------------------------------------------------------------
@@ -696,3 +733,65 @@ def test_pc_sampler_accepts_converted_models():
     x = sampling.pc_sampler(P.score_from_denoiser(den, sde), sde, (8, 2), seed=0)
     y = sampling.pc_sampler(GaussianScore(sde, MU_2D, COV_2D), sde, (8, 2), seed=0)
     torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+
+
+# ---- `fastscore bench sampling`'s equal-error measure on digits (bench/bench_sampling.py, part (c)) ----------------
+
+
+def test_frechet_distance_of_known_gaussians():
+    from fastscore._bench import bench_sampling as bench
+
+    eye = torch.eye(3, dtype=torch.float64)
+    mean = torch.tensor([1.0, 2.0, 2.0], dtype=torch.float64)
+    assert bench.frechet((mean, eye), (mean, eye)) == pytest.approx(0.0, abs=1e-12)
+    assert bench.frechet((mean, eye), (torch.zeros(3, dtype=torch.float64), eye)) == pytest.approx(9.0)
+    # N(0, a^2 I) vs N(0, b^2 I) in d dims: d (a - b)^2; non-commuting covariances: symmetric in its arguments
+    assert bench.frechet((mean, 4 * eye), (mean, eye)) == pytest.approx(3.0)
+    a = torch.tensor([[2.0, 0.5, 0.0], [0.5, 1.0, 0.3], [0.0, 0.3, 0.5]], dtype=torch.float64)
+    b = torch.tensor([[1.0, -0.4, 0.1], [-0.4, 2.0, 0.0], [0.1, 0.0, 1.5]], dtype=torch.float64)
+    zero = torch.zeros(3, dtype=torch.float64)
+    assert bench.frechet((zero, a), (zero, b)) == pytest.approx(bench.frechet((zero, b), (zero, a)), rel=1e-9)
+    assert bench.frechet((zero, a), (zero, b)) > 0
+
+
+def test_digit_features_tell_noisy_samples_from_digits():
+    """The training digits are at distance ~0 of themselves, a subset of them near it, within a few bootstrap
+    stds; the same subset with noise left in a sixth of the images (what the probability-flow ODE leaves on the
+    shipped model) is far outside that noise."""
+    from fastscore._bench import bench_sampling as bench
+
+    from fastscore.data.images import load_digits
+
+    features = bench.DigitFeatures()
+    data = load_digits(16)
+    assert features.distance_of(features(data)) == pytest.approx(0.0, abs=1e-9)
+    gen = torch.Generator().manual_seed(0)
+    subset = data[torch.randperm(len(data), generator=gen)[:64]]
+    clean = features(subset)
+    noise = features.bootstrap_std(clean, rounds=50)
+    assert 0 < features.distance_of(clean) < 5 * noise
+    noisy = subset.clone()
+    noisy[:11] = (noisy[:11] + 0.5 * torch.randn(noisy[:11].shape, generator=gen)).clamp(0, 1)
+    assert features.distance_of(features(noisy)) > features.distance_of(clean) + 5 * noise
+
+
+def test_bench_sampling_equal_error_runs_quick(capsys):
+    """`fastscore bench sampling --quick`'s part (c) end to end on the shipped digits model: every sampler's
+    distance, each solver's match (or none) against the PC sampler's bound, samples per second of each timed
+    one, nothing recorded without ``record``."""
+    from fastscore._bench import bench_sampling as bench
+
+    out = bench.digits_equal_error(quick=True, record=False)
+    q = bench.QUICK_DIGITS
+    pc = f"pc{q['pc_steps']}"
+    expected = {pc} | {f"{label}{steps}" for (label, _, _), tried in q["solver_steps"].items() for steps in tried}
+    assert set(out["errors"]) == expected and all(math.isfinite(e) and e >= 0 for e in out["errors"].values())
+    assert out["evaluations"][pc] == 2 * q["pc_steps"] and out["evaluations"]["heun5"] == 9
+    assert out["bound"] == pytest.approx(out["errors"][pc] + 2 * out["noise"]) and out["noise"] > 0
+    assert set(out["matches"]) == {"dpm", "heun", "ddim", "ancestral"}
+    for label, name in out["matches"].items():
+        assert name is None or (name.startswith(label) and out["errors"][name] <= out["bound"])
+    assert pc in out["samples_per_s"] and all(v > 0 for v in out["samples_per_s"].values())
+    assert {row.case for row in out["rows"]} == {"digits equal error NCSNv2 b8"}
+    text = capsys.readouterr().out
+    assert "(c) equal error on digits" in text and "results appended" not in text
