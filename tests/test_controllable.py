@@ -63,23 +63,42 @@ def mixture_classifier(mix, sigma_of_t):
     return logits
 
 
+@pytest.mark.parametrize("sampler", ["ald", "pc", "ode"])
 @pytest.mark.parametrize("label", [0, 1])
-def test_classifier_guidance_with_the_exact_classifier_samples_the_class(label):
+def test_classifier_guidance_with_the_exact_classifier_samples_the_class(label, sampler):
     """NCSN's toy mixture 0.8 N((5,5), I) + 0.2 N((-5,-5), I); the exact noise-conditional classifier: guided
-    samples of class y at scale 1 fall in mode y (>= 99 %)."""
+    samples of class y at scale 1 fall in mode y (>= 99 %), with every sampler: annealed Langevin (the
+    classifier given the level's label, as the score), predictor-corrector and the probability-flow ODE."""
     mix = ncsn_toy_mixture()
-    sde = sde_lib.VESDE(sigma_min=0.01, sigma_max=20.0, N=300)
+    n = 1000
+    if sampler == "ald":  # ncsn's toy setting: 10 geometric levels from 20 to 1, 100 steps each
+        sigmas = torch.logspace(math.log10(20.0), 0.0, 10, dtype=torch.float64)
 
-    def sigma(t):
-        return sde.marginal_prob(torch.zeros(t.shape[0], 1), t)[1]
+        def sigma(labels):
+            return sigmas[labels].float()
 
-    def score_fn(x, t):
-        return mix.score(x, sigma(t))
+        def score_fn(x, labels):
+            return mix.score(x, sigma(labels))
 
-    guided = sampling.classifier_guidance(score_fn, mixture_classifier(mix, sigma), label)
-    x = sampling.pc_sampler(guided, sde, (1000, 2), seed=SEED)
+        guided = sampling.classifier_guidance(score_fn, mixture_classifier(mix, sigma), label)
+        start = torch.rand(n, 2, generator=torch.Generator().manual_seed(SEED)) * 16 - 8
+        x = sampling.annealed_langevin(guided, start, sigmas, n_steps_each=100, step_lr=0.1, seed=SEED)
+    else:
+        sde = sde_lib.VESDE(sigma_min=0.01, sigma_max=20.0, N=300)
+
+        def sigma(t):
+            return sde.marginal_prob(torch.zeros(t.shape[0], 1), t)[1]
+
+        def score_fn(x, t):
+            return mix.score(x, sigma(t))
+
+        guided = sampling.classifier_guidance(score_fn, mixture_classifier(mix, sigma), label)
+        if sampler == "pc":
+            x = sampling.pc_sampler(guided, sde, (n, 2), seed=SEED)
+        else:
+            x = sampling.ode_sampler(guided, sde, (n, 2), seed=SEED)
     in_mode = ((x.sum(1) > 0) == (mix.means[label].sum() > 0)).double().mean().item()
-    assert in_mode >= 0.99, f"{in_mode:.3f} of the samples of class {label} in its mode"
+    assert in_mode >= 0.99, f"{in_mode:.3f} of the samples of class {label} in its mode ({sampler})"
 
 
 def score_sde_pc_inpainter(score_fn, sde, data, mask, snr, eps, g, colorize=False):
