@@ -1,4 +1,4 @@
-"""Class-conditional sampling of the shipped digits model with a noise-conditional classifier (issue 15).
+"""Class-conditional sampling of the shipped digits model with a noise-conditional classifier.
 
 1. Train a :class:`fastscore.models.NoiseConditionalClassifier` on scikit-learn's digits under the shipped
    model's noise (demo_digits: sigma from 0.01 to 5), or read one (``--classifier``, e.g. the output of
@@ -12,7 +12,7 @@
 A script, not a `fastscore bench` entry (those are bench/bench_<op>.py with the harness's run(); this one
 trains a classifier and samples for minutes, and measures accuracy, not speed):
 
-    python bench/guidance_accuracy.py [--classifier PATH] [--per-class 10] [--scale 5] [--sampler ald]
+    python bench/guidance_accuracy.py [--classifier PATH] [--per-class 10] [--scale 10] [--sampler ald]
         [--grid docs/class_conditional.png] [--inpaint docs/inpainting.png]
 """
 
@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fastscore.cli import CLASSIFIER_LR
+from fastscore.cli import CLASSIFIER_STEPS
 from fastscore.data.images import load_digits
 from fastscore.data.images import save_image_grid
 from fastscore.model_sampling import Guidance
@@ -56,10 +58,10 @@ def judge(lr, images: torch.Tensor) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--classifier", help="a trained classifier checkpoint (default: train one, --steps)")
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=CLASSIFIER_STEPS, help="as fastscore train --classifier")
+    parser.add_argument("--width", type=int, default=None, help="default: the classifier's (train --classifier's)")
     parser.add_argument("--per-class", type=int, default=10)
-    parser.add_argument("--scale", type=float, default=5.0)
+    parser.add_argument("--scale", type=float, default=10.0)
     parser.add_argument("--sampler", default="ald", choices=("ald", "pc"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--unguided", action="store_true", help="also sample without guidance (the baseline)")
@@ -74,8 +76,9 @@ def main() -> None:
         print(f"classifier: {args.classifier}")
     else:
         start = time.perf_counter()
+        arch = {} if args.width is None else {"width": args.width}
         clf, result = train_classifier(config, load_digits(16, 1), digits_labels(), steps=args.steps,
-                                       width=args.width, lr=2e-3, progress=True)  # fmt: skip
+                                       lr=CLASSIFIER_LR, progress=True, **arch)  # fmt: skip
         print(f"classifier: trained {args.steps} steps in {time.perf_counter() - start:.0f} s, loss {result.loss:.3f}")
     y = torch.arange(10).repeat_interleave(args.per_class)
     start = time.perf_counter()
