@@ -417,7 +417,8 @@ running = gloo_threads()
 import torch._dynamo  # what building a fastscore model or torch.compile imports, after the group exists
 distributed.gather(torch.ones(1 + w.rank, 2))
 distributed.shutdown()
-print(f"rank {w.rank}: gloo threads while joined {len(running)}, after shutdown {gloo_threads()}", flush=True)
+with open(os.path.join(sys.argv[1], f"rank{w.rank}.txt"), "w") as f:  # a file each: the ranks share stdout
+    f.write(f"gloo threads while joined {len(running)}, after shutdown {gloo_threads()}")
 """
 
 
@@ -429,10 +430,10 @@ def test_shutdown_frees_the_process_group_so_nothing_races_the_exit(tmp_path):
     and, destroyed during the interpreter's teardown, aborted a finished rank now and then."""
     script = tmp_path / "job.py"
     script.write_text(textwrap.dedent(SHUTDOWN_SCRIPT))
-    result = ok(torchrun(script, cwd=tmp_path, module=False))
+    ok(torchrun(script, tmp_path, cwd=tmp_path, module=False))
     for rank in (0, 1):
-        line = next(x for x in result.stdout.splitlines() if x.startswith(f"rank {rank}:"))
-        assert "after shutdown []" in line and "while joined 0" not in line, line
+        line = (tmp_path / f"rank{rank}.txt").read_text()
+        assert "after shutdown []" in line and "while joined 0" not in line, f"rank {rank}: {line}"
 
 
 # ---- failures ---------------------------------------------------------------------------------------------------
