@@ -142,14 +142,20 @@ def sde_for(model, config, meta: dict | None = None, n_steps: int | None = None)
     return (lambda x, t: model(x, time_to_label(t, sde.T, levels))), sde
 
 
+def level_times(sigmas: Tensor) -> Tensor:
+    """The time of each noise level for a time-conditioned model: the t whose marginal std is ``sigma_i``,
+    ``sigma_t = sigma_L (sigma_1 / sigma_L)^t`` (all 1 for a single level)."""
+    span = torch.log(sigmas[0] / sigmas[-1])
+    return torch.log(sigmas / sigmas[-1]) / span if float(span) > 0 else torch.ones_like(sigmas)
+
+
 def _label_score(model, config, meta: dict | None, sigmas: Tensor):
     """``score(x, labels)`` for annealed Langevin: the model itself, or for a time-conditioned one
     (:func:`takes_time`) the time of each level (the time whose marginal std is ``sigma_i``:
     ``sigma_t = sigma_L (sigma_1 / sigma_L)^t``) and the output divided by ``sigma_i``."""
     if not takes_time(model, config, meta):
         return model
-    span = torch.log(sigmas[0] / sigmas[-1])
-    times = torch.log(sigmas / sigmas[-1]) / span if float(span) > 0 else torch.ones_like(sigmas)
+    times = level_times(sigmas)
 
     def score(h, labels):
         return model(h, times[labels].to(h.dtype)) / sigmas[labels, None].to(h.dtype)
@@ -173,8 +179,7 @@ def _label_energy(model, config, meta: dict | None, sigmas: Tensor):
     net = energy_model(model)
     if not takes_time(model, config, meta):
         return net.energy
-    span = torch.log(sigmas[0] / sigmas[-1])
-    times = torch.log(sigmas / sigmas[-1]) / span if float(span) > 0 else torch.ones_like(sigmas)
+    times = level_times(sigmas)
 
     def energy(h, labels):
         return net.energy(h, times[labels].to(h.dtype)) / sigmas[labels].to(h.dtype)
