@@ -175,7 +175,7 @@ FS_ALWAYS_INLINE void propose_chunks(Cap cap, const ProposeArgs<scalar_t>& p, in
 template <bool HMC, bool STRIDED, typename scalar_t>
 void run_propose(const ProposeArgs<scalar_t>& p, double* sq_out) {
   const Layout& l = p.l;
-  const int64_t P = l.pieces();
+  const int64_t P = pieces(l);
   // A chunk of noise: whole samples when one piece holds a sample (spc of them), else one piece of a sample.
   const int64_t spc = P == 1 ? std::max<int64_t>(1, kChunk / l.D) : 1;
   const int64_t chunks = P == 1 ? (l.N + spc - 1) / spc : l.N * P;
@@ -339,7 +339,7 @@ FS_ALWAYS_INLINE void accept_samples(Cap cap, const AcceptArgs<scalar_t>& p, int
 template <bool HMC, bool STRIDED, typename scalar_t>
 void run_accept(const AcceptArgs<scalar_t>& p) {
   const Layout& l = p.l;
-  const int64_t P = l.pieces();
+  const int64_t P = pieces(l);
   if (P <= 1) {
     // A sample fits one piece: reduce, decide and copy it in one go, while its elements are in cache.
     const int64_t per_task = std::max<int64_t>(1, kTask / std::max<int64_t>(l.D, 1));

@@ -25,8 +25,6 @@ CinRows<A> rows_of(const c10::optional<at::Tensor>& t) {
   return {t->data_ptr<A>(), t->stride(0), t->stride(1)};
 }
 
-using cin::acc_type_of;  // the argument checks are in csrc/include/cond_instance_norm_args.h, shared with CPU
-
 // The fields every direction shares, plus a workspace (kept alive by `work`) on x's device.
 template <typename S>
 CinArgs<cuda_t<S>> make_args(const at::Tensor& x, const at::Tensor& gamma, const c10::optional<at::Tensor>& alpha,

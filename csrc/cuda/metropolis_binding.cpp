@@ -25,14 +25,14 @@ using namespace fastscore::mh;
 
 MhShape shape_of(const Layout& l, const at::Tensor& coef) {
   TORCH_CHECK_VALUE(l.N < (int64_t(1) << 31), "x: at most 2^31 - 1 samples per call on CUDA, got ", l.N);
-  TORCH_CHECK_VALUE(l.pieces() <= 65535, "x: at most 65535 * 1024 elements per sample on CUDA, got ", l.D);
+  TORCH_CHECK_VALUE(pieces(l) <= 65535, "x: at most 65535 * 1024 elements per sample on CUDA, got ", l.D);
   MhShape s;
   s.N = l.N;
   s.D = l.D;
   s.L = l.L;
   s.row_stride = l.row_stride;
   s.es = l.es;
-  s.P = l.pieces();
+  s.P = pieces(l);
   s.coef_stride = coef.stride(0);
   return s;
 }

@@ -15,11 +15,6 @@
 namespace fastscore {
 namespace cin {
 
-// The statistics', parameters' and sums' dtype: float64 for double, float32 for float, half and bfloat16.
-inline at::ScalarType acc_type_of(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 inline int parse_act(c10::string_view act) {
   if (act == "none") return kActNone;
   if (act == "elu") return kActElu;

@@ -7,43 +7,15 @@
 #include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
-#include <algorithm>
-
 #include "checks.h"
 
 namespace fastscore {
 namespace lgv {
 
-// The coefficients' and sums' dtype: float64 for double, float32 for float, half and bfloat16.
-inline at::ScalarType acc_type_of(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
+// A sample's layout (checks.h): (N, ...) contiguous, or (N, C, H, W) channels_last.
+using Layout = SampleLayout;
 
-// Where logical element i of a sample sits: row i / L at r * row_stride, element i % L of it at * es.
-struct Layout {
-  int64_t N = 0, D = 0, L = 1, row_stride = 1, es = 1;
-};
-
-// (N, ...) contiguous, or (N, C, H, W) channels_last (a row per channel: L = H * W, es = C).
-inline Layout layout_of(const at::Tensor& x, const char* name) {
-  TORCH_CHECK_VALUE(x.dim() >= 1, name, ": expected a tensor of shape (N, ...), got a 0-d tensor");
-  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), name, ": expected a floating-point tensor, got ",
-                   x.scalar_type());
-  Layout l;
-  l.N = x.size(0);
-  l.D = x.size(0) ? x.numel() / x.size(0) : 0;
-  if (x.is_contiguous()) {
-    l.L = std::max<int64_t>(l.D, 1);
-    l.row_stride = l.L;
-    return l;
-  }
-  TORCH_CHECK_VALUE(x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast), name,
-                    ": expected a contiguous or channels_last tensor");
-  l.L = x.size(2) * x.size(3);
-  l.row_stride = 1;
-  l.es = x.size(1);
-  return l;
-}
+inline Layout layout_of(const at::Tensor& x, const char* name) { return sample_layout_of(x, name); }
 
 // mask / known: (1 or N, ...) in x's layout; returns the sample stride (0 when shared).
 inline int64_t check_broadcast_rows(const at::Tensor& t, const at::Tensor& x, const char* name) {
@@ -56,10 +28,6 @@ inline int64_t check_broadcast_rows(const at::Tensor& t, const at::Tensor& x, co
   const bool ok = x.is_contiguous() ? t.is_contiguous() : t.is_contiguous(at::MemoryFormat::ChannelsLast);
   TORCH_CHECK_VALUE(ok, name, ": expected the memory layout of x");
   return t.size(0) == 1 ? 0 : t.numel() / t.size(0);
-}
-
-inline void check_sample_offset(int64_t sample_offset) {
-  TORCH_CHECK_VALUE(sample_offset >= 0, "sample_offset: expected a non-negative integer, got ", sample_offset);
 }
 
 struct UpdateShape {
@@ -78,11 +46,7 @@ inline UpdateShape check_update(const at::Tensor& x, const at::Tensor& score, co
   check_like(score, x, "score");
   if (noise.has_value()) check_like(*noise, x, "noise");
   if (x_mean.has_value()) check_like(*x_mean, x, "x_mean");
-  TORCH_CHECK_VALUE(coef.dim() == 2 && coef.size(0) == s.l.N && coef.size(1) == 3 && coef.stride(1) == 1,
-                    "coef: expected an (", s.l.N, ", 3) tensor with unit column stride, got ", coef.sizes());
-  TORCH_CHECK_TYPE(coef.scalar_type() == acc_type_of(x), "coef: expected dtype ", acc_type_of(x), ", got ",
-                   coef.scalar_type());
-  TORCH_CHECK_VALUE(coef.device() == x.device(), "coef: expected device ", x.device(), ", got ", coef.device());
+  check_coef(coef, x, s.l.N);
   TORCH_CHECK_VALUE(mask.has_value() == known.has_value(), "mask and known: expected both or neither");
   check_sample_offset(sample_offset);
   if (mask.has_value()) {

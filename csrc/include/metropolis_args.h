@@ -8,7 +8,6 @@
 #include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
-#include <algorithm>
 #include <initializer_list>
 
 #include "checks.h"
@@ -16,47 +15,13 @@
 namespace fastscore {
 namespace mh {
 
-// The compute (coefficient) dtype: float64 for double, float32 for float, half and bfloat16.
-inline at::ScalarType compute_type_of(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
+// A sample's layout (checks.h): (N, ...) contiguous, or (N, C, H, W) channels_last.
+using Layout = SampleLayout;
 
-// Where logical element i of a sample sits within it: row r = i / L at r * row_stride, element i % L of the
-// row at (i % L) * es. Contiguous: L = D, es = 1. channels_last (N, C, H, W): a row per channel, L = H * W,
-// row_stride = 1, es = C. A sample's D elements fill [n D, (n + 1) D) of the storage in both layouts.
-struct Layout {
-  int64_t N = 0, D = 0, L = 1, row_stride = 1, es = 1;
-  int64_t pieces() const { return (D + 1023) / 1024; }  // kPiece of metropolis_math.h
-};
+inline Layout layout_of(const at::Tensor& x, const char* name) { return sample_layout_of(x, name); }
 
-inline Layout layout_of(const at::Tensor& x, const char* name) {
-  TORCH_CHECK_VALUE(x.dim() >= 1, name, ": expected a tensor of shape (N, ...), got a 0-d tensor");
-  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), name, ": expected a floating-point tensor, got ",
-                   x.scalar_type());
-  Layout l;
-  l.N = x.size(0);
-  l.D = x.size(0) ? x.numel() / x.size(0) : 0;
-  if (x.is_contiguous()) {
-    l.L = std::max<int64_t>(l.D, 1);
-    l.row_stride = l.L;
-    return l;
-  }
-  TORCH_CHECK_VALUE(x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast), name,
-                    ": expected a contiguous or channels_last tensor");
-  l.L = x.size(2) * x.size(3);
-  l.row_stride = 1;
-  l.es = x.size(1);
-  return l;
-}
-
-// coef: (N, 3) in the compute dtype, unit column stride (a shared row arrives as a stride-0 expand).
-inline void check_coef(const at::Tensor& coef, const at::Tensor& x, const Layout& l) {
-  TORCH_CHECK_VALUE(coef.dim() == 2 && coef.size(0) == l.N && coef.size(1) == 3 && coef.stride(1) == 1,
-                    "coef: expected an (", l.N, ", 3) tensor with unit column stride, got ", coef.sizes());
-  TORCH_CHECK_TYPE(coef.scalar_type() == compute_type_of(x), "coef: expected dtype ", compute_type_of(x), ", got ",
-                   coef.scalar_type());
-  TORCH_CHECK_VALUE(coef.device() == x.device(), "coef: expected device ", x.device(), ", got ", coef.device());
-}
+// The 1024-element pieces a sample is split into for the per-sample sums (kPiece of metropolis_math.h).
+inline int64_t pieces(const Layout& l) { return (l.D + 1023) / 1024; }
 
 // A per-sample vector: (N,) contiguous of `dtype` on x's device.
 inline void check_vector(const at::Tensor& t, const at::Tensor& x, const char* name, at::ScalarType dtype) {
@@ -65,10 +30,6 @@ inline void check_vector(const at::Tensor& t, const at::Tensor& x, const char* n
   TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, ": expected dtype ", dtype, ", got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.device() == x.device(), name, ": expected device ", x.device(), ", got ", t.device());
   TORCH_CHECK_VALUE(t.is_contiguous(), name, ": expected a contiguous tensor");
-}
-
-inline void check_sample_offset(int64_t sample_offset) {
-  TORCH_CHECK_VALUE(sample_offset >= 0, "sample_offset: expected a non-negative integer, got ", sample_offset);
 }
 
 // Tensors an op writes must not share memory with anything it reads (or writes through another argument).
@@ -89,7 +50,7 @@ inline Layout check_propose(const at::Tensor& x, const at::Tensor& score, const 
   check_like(score, x, "score");
   check_like(x_out, x, "x_out");
   if (p_out.has_value()) check_like(*p_out, x, "p_out");
-  check_coef(coef, x, l);
+  check_coef(coef, x, l.N);
   check_vector(sq_out, x, "sq_out", at::kDouble);
   check_sample_offset(sample_offset);
   const at::Tensor* p = p_out.has_value() ? &*p_out : nullptr;
@@ -103,7 +64,7 @@ inline Layout check_leapfrog(const at::Tensor& x, const at::Tensor& p, const at:
   const Layout l = layout_of(x, "x");
   check_like(p, x, "p");
   check_like(score, x, "score");
-  check_coef(coef, x, l);
+  check_coef(coef, x, l.N);
   check_apart({&x, &p}, {&x, &p, &score, &coef});
   return l;
 }
@@ -124,7 +85,7 @@ inline Layout check_accept(const at::Tensor& x, const at::Tensor& score, const a
   check_vector(sq, x, "sq", at::kDouble);
   check_vector(accepted, x, "accepted", at::kBool);
   check_vector(log_alpha, x, "log_alpha", at::kDouble);
-  check_coef(coef, x, l);
+  check_coef(coef, x, l.N);
   check_sample_offset(sample_offset);
   TORCH_CHECK_VALUE(sample_offset <= INT64_MAX - l.N, "sample_offset: the sample index exceeds 2^63");
   const at::Tensor* pp = p.has_value() ? &*p : nullptr;
