@@ -14,8 +14,17 @@ NCSN (ngf 32), each built from the original layers (``layers="reference"``, the 
 Cases: (a) "fwd": one forward without autograd (what the samplers repeat); (b) "train": one DSM training
 step as ncsnv2 runs it (labels and noise drawn, the loss, backward, Adam); the compiled providers compile
 the loss function (forward and backward through AOT autograd), the optimizer step runs eagerly in all.
-The compile time of each compiled provider (its first call) is printed under the table. Compiling takes
-minutes on 2 cores (six graphs per case): ``--quick`` runs NCSNv2 only.
+The compile time of each compiled provider (its first call) is printed under the table, then, per case, how
+many times faster the best compiled fastscore layout is than the best compiled original (compiled and fused
+over compiled alone). A compiled provider whose result disagrees with eager's is reported and left out of
+the timing, not timed as if it were right (tests/test_compile.py is what holds fastscore's compiled graphs
+equal to eager); the eager fastscore provider must agree. Known with torch 2.13 on CPU: Inductor's
+contiguous training step of NCSNv2 moves 7% of the weights unlike eager. To time what an AVX2-only CPU gets
+on an AVX-512 one, set ``FASTSCORE_CPU_CAPABILITY=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2``:
+`fastscore bench` then compiles into an Inductor cache of its own (Inductor's cache does not key its C++
+kernels on ATen's capability and would serve the AVX-512 builds: NaN; see
+``fastscore._backend.separate_inductor_cache``). Compiling takes minutes on 2 cores (six graphs per case):
+``--quick`` runs NCSNv2 only.
 
     fastscore bench compile [--quick]
 """
@@ -40,6 +49,8 @@ OP = "compile"
 CASES = [("NCSNv2", 32), ("NCSN", 32)]
 QUICK_CASES = CASES[:1]
 COMPILED = ("compile", "compile cl", "fastscore+compile", "fastscore+compile cl")
+COMPILED_ORIGINAL = ("compile", "compile cl")
+COMPILED_FASTSCORE = ("fastscore+compile", "fastscore+compile cl")
 
 _compile_seconds: dict[str, float] = {}
 
@@ -89,6 +100,25 @@ def forward_providers(case):
     return providers
 
 
+def _forward_check(providers):
+    """Every forward agrees with eager's; a compiled provider that does not is reported and dropped from
+    `providers` (torch's defects, see the module docstring); the eager fastscore provider must agree."""
+    agree = _harness.agree_with("eager", what="forward", rtol=1e-4, atol=1e-3)
+
+    def check(results):
+        for name in [n for n in COMPILED if n in results]:
+            try:
+                agree({"eager": results["eager"], name: results[name]})
+            except AssertionError as err:
+                why = str(err).splitlines()[-1].strip()
+                print(f"NOTE: {name}: the forward disagrees with eager ({why}); left out of this case")
+                providers.pop(name)
+                results.pop(name)
+        agree(results)
+
+    return check
+
+
 def train_providers(case):
     arch, ngf = case
     original = _models.build(arch, ngf, "reference").train()
@@ -112,13 +142,9 @@ def cases(quick=False, device="cpu"):
         raise ValueError("device: the compile bench measures CPU compilation (Inductor's C++ code); use cpu")
     out = []
     for case in QUICK_CASES if quick else CASES:
+        providers = forward_providers(case)
         out.append(
-            _harness.Case(
-                f"fwd {_models._label(case)}",
-                forward_providers(case),
-                _harness.agree_with("eager", what="forward", rtol=1e-4, atol=1e-3),
-                capability_rows=False,
-            )
+            _harness.Case(f"fwd {_models._label(case)}", providers, _forward_check(providers), capability_rows=False)
         )
         providers, models = train_providers(case)
         check = _models._train_check(models, providers)
@@ -134,4 +160,20 @@ def run(quick=False, device="cpu", rounds=None, record=True, csv_path=None):
     print("\ncompile time (first call, seconds):")
     for label, seconds in _compile_seconds.items():
         print(f"  {label:50s} {seconds:7.1f}")
+    print("\ncompiled fastscore over compiled original (each at its fastest layout; > 1: fastscore faster):")
+    for case, ratio, fused, original in compiled_speedups(rows):
+        print(f"  {case:32s} {ratio:5.2f}x   {fused} over {original}")
     return rows
+
+
+def compiled_speedups(rows):
+    """Per case: (case, best compiled original's median / best compiled fastscore's, their provider names).
+    A case whose compiled originals all disagreed with eager (and were dropped) has no row."""
+    out = []
+    for case in dict.fromkeys(row.case for row in rows):
+        median = {row.provider: row.median_ms for row in rows if row.case == case}
+        original = min((n for n in COMPILED_ORIGINAL if n in median), key=median.get, default=None)
+        fused = min((n for n in COMPILED_FASTSCORE if n in median), key=median.get, default=None)
+        if original and fused:
+            out.append((case, median[original] / median[fused], fused, original))
+    return out

@@ -201,8 +201,8 @@ def _disagreement(name, loss, want_loss, params, ref_params) -> str | None:
 
 
 def _train_check(models, providers):
-    """Losses and updated weights agree with eager's. fastscore must agree; a disagreeing "compile" is
-    reported and dropped from the timing (torch 2.13's Inductor computes zero gradients for 154 of the
+    """Losses and updated weights agree with eager's. fastscore must agree; a disagreeing compiled provider
+    is reported and dropped from the timing (torch 2.13's Inductor computes zero gradients for 154 of the
     173 parameters of the conditional NCSN, see the module docstring), not timed as if it were right."""
 
     def check(results):
@@ -215,7 +215,7 @@ def _train_check(models, providers):
             if why is None:
                 continue
             assert "compile" in name, f"train: {name}: {why}"
-            print(f"NOTE: torch.compile's training step disagrees with eager ({why}); compile is left out of this case")
+            print(f"NOTE: {name}: the training step disagrees with eager ({why}); left out of this case")
             providers.pop(name)
 
     return check

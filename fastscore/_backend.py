@@ -97,6 +97,26 @@ def cpu_capability() -> str:
     return torch.ops.fastscore_C.cpu_capability()
 
 
+def separate_inductor_cache() -> str | None:
+    """Give a process that lowers ATen's CPU capability an Inductor cache of its own; returns the folder set.
+
+    torch.compile's on-disk cache (torch 2.13) does not key the C++ kernels it builds on
+    ``ATEN_CPU_CAPABILITY``: on one machine, a kernel generated for AVX2 is served the build made for AVX-512
+    (or the reverse) and returns garbage (NaN around every convolution, or a corrupted heap). So a run with
+    ``ATEN_CPU_CAPABILITY`` set and no ``TORCHINDUCTOR_CACHE_DIR`` of its own compiles into
+    ``<Inductor's default folder>/aten-<capability>``. Does nothing (returns None) otherwise. fastscore's
+    commands that compile (``bench``, ``sample --compile``) call it first.
+    """
+    capability = os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower()
+    if not capability or os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return None
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    folder = os.path.join(default_cache_dir(), f"aten-{capability}")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+    return folder
+
+
 def supported_cpu_capabilities() -> list[str]:
     """The levels this CPU (and this build) can run, widest first."""
     if _cpp_import_error() is not None:

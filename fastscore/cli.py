@@ -107,6 +107,9 @@ def _bench(args) -> int:
             csv_path = _harness.check_results_file(_harness.results_path(args.csv))
         except ValueError as exc:
             raise CommandError(f"{what}: {exc}") from None
+    from fastscore._backend import separate_inductor_cache
+
+    separate_inductor_cache()  # the benches compile; a run with ATEN_CPU_CAPABILITY lowered needs its own cache
     for name in wanted:
         module = importlib.import_module(f"fastscore._bench.bench_{name}")
         module.run(
@@ -787,6 +790,9 @@ def _compiled(model, compile: bool):
         return model
     import torch
 
+    from fastscore._backend import separate_inductor_cache
+
+    separate_inductor_cache()  # a run with ATEN_CPU_CAPABILITY lowered must not share Inductor's cache
     return torch.compile(model, fullgraph=True, dynamic=False)
 
 

@@ -275,6 +275,29 @@ def test_info_names_the_capability_of_every_kernel_and_a_bad_setting_is_one_line
     ]
 
 
+def test_a_lowered_aten_capability_compiles_into_an_inductor_cache_of_its_own(monkeypatch):
+    # Inductor's cache does not key its C++ kernels on ATEN_CPU_CAPABILITY: sharing it across capabilities
+    # serves an AVX-512 build to AVX2-generated code (NaN) or the reverse (a corrupted heap)
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from fastscore import cli
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    assert _backend.separate_inductor_cache() is None
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "AVX2")
+    folder = os.path.join(default_cache_dir(), "aten-avx2")
+    assert _backend.separate_inductor_cache() == folder
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == folder
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/chosen")  # the user's own choice is kept
+    assert _backend.separate_inductor_cache() is None
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere/chosen"
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    cli._compiled(torch.nn.Identity(), True)  # `fastscore sample --compile` takes its own cache too
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == folder
+
+
 # ---- use_backend is per thread; FASTSCORE_BACKEND and the CPU capability are process-wide -----------------
 
 

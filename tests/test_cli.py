@@ -90,6 +90,33 @@ def test_bench_harness_checks_agreement_then_reports_ratios(tmp_path, capsys):
     assert "eager/x" in out and "ns/elem" in out
 
 
+def test_compile_bench_drops_a_compiled_provider_that_disagrees_and_reports_the_speedup(capsys):
+    """A compiled provider whose forward disagrees with eager's (torch's defect) is reported and not timed;
+    the eager fastscore provider must agree; the summary compares the fastest layouts of both compiled sides."""
+    import torch
+    from fastscore._bench import _harness
+    from fastscore._bench import bench_compile
+
+    x = torch.ones(3)
+    names = ("eager", "fastscore", *bench_compile.COMPILED)
+    providers = {name: (lambda: x.clone()) for name in names}
+    providers["compile"] = lambda: torch.full((3,), float("nan"))
+    check = bench_compile._forward_check(providers)
+    check({name: fn() for name, fn in providers.items()})
+    assert "compile" not in providers and "compile cl" in providers
+    assert "NOTE: compile: the forward disagrees with eager" in capsys.readouterr().out
+    providers["fastscore"] = lambda: x + 1
+    with pytest.raises(AssertionError, match="fastscore"):
+        bench_compile._forward_check(providers)({name: fn() for name, fn in providers.items()})
+
+    def row(provider, ms):
+        return _harness.Row("fwd m", provider, ms, ms, ms, {})
+
+    rows = [row("eager", 9.0), row("compile cl", 6.0), row("fastscore+compile", 5.5), row("fastscore+compile cl", 5.0)]
+    assert bench_compile.compiled_speedups(rows) == [("fwd m", 1.2, "fastscore+compile cl", "compile cl")]
+    assert bench_compile.compiled_speedups(rows[2:]) == []  # no compiled original agreed: no ratio
+
+
 def test_bench_writes_its_csv_to_the_current_folder_unless_told(tmp_path, monkeypatch):
     """`fastscore bench` never appends to the shipped history bench/results.csv by default (a user's checkout
     stays clean): ./fastscore-bench-results.csv, or the file --csv names; --no-record writes none."""
