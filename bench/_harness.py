@@ -75,6 +75,25 @@ def agree_with(reference: str, *, what: str, rtol: float = 1e-4, atol: float = 1
     return check
 
 
+def agree_or_drop(reference: str, droppable, *, what: str, rtol: float = 1e-4, atol: float = 1e-4):
+    """A Case.check like :func:`agree_with`, except that a provider named in `droppable` (torch.compile's,
+    whose defects are torch's) that disagrees is reported and dropped from the results, which :func:`measure`
+    then does not time (not as if it were right); every other provider must agree."""
+    agree = agree_with(reference, what=what, rtol=rtol, atol=atol)
+
+    def check(results: dict[str, object]) -> None:
+        for name in [n for n in droppable if n in results]:
+            try:
+                agree({reference: results[reference], name: results[name]})
+            except AssertionError as err:
+                why = str(err).splitlines()[-1].strip()
+                print(f"NOTE: {name}: the {what} disagrees with {reference} ({why}); left out of this case")
+                results.pop(name)
+        agree(results)
+
+    return check
+
+
 @dataclass
 class Row:
     case: str
@@ -161,7 +180,10 @@ def measure(case: Case, *, rounds: int, device: str = "cpu") -> list[Row]:
     if case.check is not None:
         # each result copied as it comes: an in-place provider's result is its own buffer, which a later
         # provider sharing it (the same kernel at another capability level) would overwrite
-        case.check({name: _snapshot(fn()) for name, fn in providers.items()})
+        results = {name: _snapshot(fn()) for name, fn in providers.items()}
+        case.check(results)
+        # a check may drop a provider that must not be timed (agree_or_drop: a disagreeing torch.compile)
+        providers = {name: fn for name, fn in providers.items() if name in results}
     times = time_interleaved(providers, rounds=rounds, device=device)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     rows = []

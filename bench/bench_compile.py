@@ -48,9 +48,9 @@ except ImportError:  # pragma: no cover
 OP = "compile"
 CASES = [("NCSNv2", 32), ("NCSN", 32)]
 QUICK_CASES = CASES[:1]
-COMPILED = ("compile", "compile cl", "fastscore+compile", "fastscore+compile cl")
 COMPILED_ORIGINAL = ("compile", "compile cl")
 COMPILED_FASTSCORE = ("fastscore+compile", "fastscore+compile cl")
+COMPILED = COMPILED_ORIGINAL + COMPILED_FASTSCORE
 
 _compile_seconds: dict[str, float] = {}
 
@@ -100,25 +100,6 @@ def forward_providers(case):
     return providers
 
 
-def _forward_check(providers):
-    """Every forward agrees with eager's; a compiled provider that does not is reported and dropped from
-    `providers` (torch's defects, see the module docstring); the eager fastscore provider must agree."""
-    agree = _harness.agree_with("eager", what="forward", rtol=1e-4, atol=1e-3)
-
-    def check(results):
-        for name in [n for n in COMPILED if n in results]:
-            try:
-                agree({"eager": results["eager"], name: results[name]})
-            except AssertionError as err:
-                why = str(err).splitlines()[-1].strip()
-                print(f"NOTE: {name}: the forward disagrees with eager ({why}); left out of this case")
-                providers.pop(name)
-                results.pop(name)
-        agree(results)
-
-    return check
-
-
 def train_providers(case):
     arch, ngf = case
     original = _models.build(arch, ngf, "reference").train()
@@ -144,10 +125,15 @@ def cases(quick=False, device="cpu"):
     for case in QUICK_CASES if quick else CASES:
         providers = forward_providers(case)
         out.append(
-            _harness.Case(f"fwd {_models._label(case)}", providers, _forward_check(providers), capability_rows=False)
+            _harness.Case(
+                f"fwd {_models._label(case)}",
+                providers,
+                _harness.agree_or_drop("eager", COMPILED, what="forward", rtol=1e-4, atol=1e-3),
+                capability_rows=False,
+            )
         )
         providers, models = train_providers(case)
-        check = _models._train_check(models, providers)
+        check = _models._train_check(models)
         out.append(_harness.Case(f"train {_models._label(case)}", providers, check, capability_rows=False))
     return out
 

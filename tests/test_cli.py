@@ -101,13 +101,13 @@ def test_compile_bench_drops_a_compiled_provider_that_disagrees_and_reports_the_
     names = ("eager", "fastscore", *bench_compile.COMPILED)
     providers = {name: (lambda: x.clone()) for name in names}
     providers["compile"] = lambda: torch.full((3,), float("nan"))
-    check = bench_compile._forward_check(providers)
-    check({name: fn() for name, fn in providers.items()})
-    assert "compile" not in providers and "compile cl" in providers
+    check = _harness.agree_or_drop("eager", bench_compile.COMPILED, what="forward")
+    case = _harness.Case("fwd m", providers, check, capability_rows=False)
+    assert [row.provider for row in _harness.measure(case, rounds=1)] == [n for n in names if n != "compile"]
     assert "NOTE: compile: the forward disagrees with eager" in capsys.readouterr().out
     providers["fastscore"] = lambda: x + 1
     with pytest.raises(AssertionError, match="fastscore"):
-        bench_compile._forward_check(providers)({name: fn() for name, fn in providers.items()})
+        _harness.measure(case, rounds=1)
 
     def row(provider, ms):
         return _harness.Row("fwd m", provider, ms, ms, ms, {})
