@@ -350,6 +350,45 @@ def test_mean_pool_backward_is_bitwise_autograd_through_the_slices_and_twice_dif
     assert torch.equal(jvp, ref_ns.mean_pool_2x2(tangent))
 
 
+def test_mean_pool_compiled_backward_is_the_one_pass_function_and_bitwise_eager():
+    """Compiled training differentiates the pooling with _MeanPool2x2's backward (a nearest upsampling; Inductor's
+    own gradient of the four slices, zero-filled slice_backward sums, compiles to a slow masked gather), and
+    its gradient is bitwise the eager one."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    x = make_inputs([(B, C, 6, 8)], torch.float32, True)[0]
+    grad = torch.randn((B, C, 3, 4), generator=torch.Generator().manual_seed(4))
+    grad = grad.contiguous(memory_format=torch.channels_last)
+
+    def backward_ops(pool):
+        graphs = []
+
+        def keep_backward(gm, example_inputs):
+            graphs.append(gm)
+            return make_boxed_func(gm.forward)
+
+        backend = aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward), bw_compiler=keep_backward)
+        torch._dynamo.reset()
+        xc = x.clone().requires_grad_()
+        torch.compile(lambda t: (pool(t * 2.0) * grad).sum(), backend=backend, fullgraph=True)(xc).backward()
+        return {str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"}
+
+    assert "aten.slice_backward.default" in backward_ops(ref_ns.mean_pool_2x2)  # what the test guards against
+    assert "aten.slice_backward.default" not in backward_ops(fused_ns.mean_pool_2x2)
+
+    def loss(t):
+        return (fused_ns.mean_pool_2x2(t * 2.0) * grad).sum()
+
+    torch._dynamo.reset()
+    xc = x.clone().requires_grad_()
+    torch.compile(loss, fullgraph=True, dynamic=False)(xc).backward()
+    xe = x.clone().requires_grad_()
+    loss(xe).backward()
+    assert torch.equal(xc.grad, xe.grad)
+    assert xc.grad.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_a_max_pooling_near_tie_is_judged_on_the_side_the_float32_run_took():
     """Two inputs of a pooling window that are equal in float32 and not in float64: the float32 blocks
     route the window's gradient to the first of them, the float64 reference to the larger. Against the

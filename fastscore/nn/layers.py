@@ -151,7 +151,11 @@ class _MeanPool2x2(torch.autograd.Function):
     Autograd through the four strided slices would zero-fill a full-size gradient per slice and add
     them up (4 fills, 4 scatters, 3 adds); the gradient is the same bitwise: every input element
     receives exactly ``grad / 4`` (a division by a power of two), here as a nearest 2x upsampling.
-    The backward is made of differentiable ops (double backward works), the jvp is the pooling itself.
+    Inductor does no better with the slices: it differentiates them into one kernel that computes every
+    gradient element with integer divisions and masked scalar loads (about 4x the time of this backward
+    under torch.compile, measured on a 16x64x32x32 conv output), so compiled training uses this Function
+    too (without the custom jvp, which torch.compile rejects: :class:`_MeanPool2x2Jvp` adds it).
+    The backward is made of differentiable ops (double backward works).
     """
 
     generate_vmap_rule = True
@@ -168,6 +172,10 @@ class _MeanPool2x2(torch.autograd.Function):
     def backward(ctx, grad):
         return F.interpolate(grad / 4.0, scale_factor=2, mode="nearest")
 
+
+class _MeanPool2x2Jvp(_MeanPool2x2):
+    """:class:`_MeanPool2x2` with its jvp (the pooling itself), for eager autograd and forward-mode AD."""
+
     @staticmethod
     def jvp(ctx, tangent):
         return _mean_pool_2x2_forward(tangent)
@@ -177,12 +185,17 @@ def mean_pool_2x2(output: Tensor) -> Tensor:
     """2x2 mean pooling, bitwise the originals' ``(((A + B) + C) + D) / 4``, with one allocation.
 
     Like the originals it needs even H and W (an odd size fails on the mismatched phase shapes).
-    Under autograd the backward is one pass (:class:`_MeanPool2x2`); while compiling, the plain ops
-    (torch.compile differentiates and fuses them itself).
+    When a gradient is wanted the backward is one pass (:class:`_MeanPool2x2`), eager and compiled, by
+    :func:`fastscore._backend.op_path`'s rule; compiling under a torch.func transform, the plain ops.
     """
     even = output.shape[-2] % 2 == 0 and output.shape[-1] % 2 == 0
-    if even and output.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+    if not (even and output.requires_grad and torch.is_grad_enabled()):
+        return _mean_pool_2x2_forward(output)
+    path = _backend.op_path(output)
+    if path == "function":
         return _MeanPool2x2.apply(output)
+    if path == "function_jvp":
+        return _MeanPool2x2Jvp.apply(output)
     return _mean_pool_2x2_forward(output)
 
 
