@@ -21,6 +21,7 @@ import math
 import pytest
 import torch
 from fastscore._bench import _kdiffusion
+from fastscore._bench.bench_solvers import KroneckerGaussian  # the bench's equal-error Gaussian
 
 from fastscore import noise as noise_lib
 from fastscore import parameterisation as P
@@ -334,33 +335,6 @@ def test_ncsn_toy_mixture_weights():
         assert abs(frac - 0.8) < allow, (method, kwargs, frac)
         dist = torch.minimum((x - 5).norm(dim=1), (x + 5).norm(dim=1))
         assert dist.max().item() < 3.5 + 1.0, (method, dist.max().item())
-
-
-class KroneckerGaussian:
-    """N(0, Sc (x) Sh (x) Sw) on (3, 32, 32): channel and AR(1) row / column correlations; the exact score
-    applies the eigenbases along each axis (three small matmuls per sample)."""
-
-    def __init__(self, sde, rho=0.4):
-        self.sde = sde
-        ar = torch.tensor([[rho ** abs(i - j) for j in range(32)] for i in range(32)], dtype=torch.float64)
-        sc = torch.tensor([[1.0, 0.3, 0.1], [0.3, 1.0, 0.3], [0.1, 0.3, 1.0]], dtype=torch.float64)
-        (lc, self.Uc), (lh, self.Uh) = torch.linalg.eigh(sc), torch.linalg.eigh(ar)
-        self.lam = lc[:, None, None] * lh[None, :, None] * lh[None, None, :]  # (3, 32, 32) eigenvalues
-
-    def to_eigen(self, x):
-        x = torch.einsum("nchw,cd->ndhw", x, self.Uc.to(x.dtype))
-        x = torch.einsum("nchw,hk->nckw", x, self.Uh.to(x.dtype))
-        return torch.einsum("nchw,wk->nchk", x, self.Uh.to(x.dtype))
-
-    def from_eigen(self, y):
-        y = torch.einsum("ndhw,cd->nchw", y, self.Uc.to(y.dtype))
-        y = torch.einsum("nckw,hk->nchw", y, self.Uh.to(y.dtype))
-        return torch.einsum("nchk,wk->nchw", y, self.Uh.to(y.dtype))
-
-    def __call__(self, x, t):
-        m, n = P.mean_std(self.sde, t)
-        scale = 1.0 / (m[:, None, None, None] ** 2 * self.lam + n[:, None, None, None] ** 2)
-        return -self.from_eigen(self.to_eigen(x) * scale.to(x.dtype))
 
 
 def test_3x32x32_gaussian_with_20_dpm_steps():

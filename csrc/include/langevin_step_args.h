@@ -15,8 +15,6 @@ namespace lgv {
 // A sample's layout (checks.h): (N, ...) contiguous, or (N, C, H, W) channels_last.
 using Layout = SampleLayout;
 
-inline Layout layout_of(const at::Tensor& x, const char* name) { return sample_layout_of(x, name); }
-
 // mask / known: (1 or N, ...) in x's layout; returns the sample stride (0 when shared).
 inline int64_t check_broadcast_rows(const at::Tensor& t, const at::Tensor& x, const char* name) {
   TORCH_CHECK_VALUE(t.dim() == x.dim() && (t.size(0) == 1 || t.size(0) == x.size(0)) &&
@@ -42,7 +40,7 @@ inline UpdateShape check_update(const at::Tensor& x, const at::Tensor& score, co
                                 const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& known,
                                 const c10::optional<at::Tensor>& x_mean) {
   UpdateShape s;
-  s.l = layout_of(x, "x");
+  s.l = sample_layout_of(x, "x");
   check_like(score, x, "score");
   if (noise.has_value()) check_like(*noise, x, "noise");
   if (x_mean.has_value()) check_like(*x_mean, x, "x_mean");
@@ -65,7 +63,7 @@ inline UpdateShape check_update(const at::Tensor& x, const at::Tensor& score, co
 // with P >= 1, on score's device and apart from both inputs.
 inline Layout check_norms(const at::Tensor& score, const c10::optional<at::Tensor>& noise, int64_t sample_offset,
                           const at::Tensor& out) {
-  const Layout l = layout_of(score, "score");
+  const Layout l = sample_layout_of(score, "score");
   if (noise.has_value()) check_like(*noise, score, "noise");
   check_sample_offset(sample_offset);
   TORCH_CHECK_VALUE(out.dim() == 3 && out.size(0) == l.N && out.size(1) >= 1 && out.size(2) == 2,
@@ -80,7 +78,7 @@ inline Layout check_norms(const at::Tensor& score, const c10::optional<at::Tenso
 
 // langevin_step_randn: out (N, ...) contiguous.
 inline Layout check_randn(const at::Tensor& out, int64_t sample_offset) {
-  const Layout l = layout_of(out, "out");
+  const Layout l = sample_layout_of(out, "out");
   TORCH_CHECK_VALUE(out.is_contiguous(), "out: expected a contiguous tensor");
   check_sample_offset(sample_offset);
   return l;

@@ -18,8 +18,6 @@ namespace mh {
 // A sample's layout (checks.h): (N, ...) contiguous, or (N, C, H, W) channels_last.
 using Layout = SampleLayout;
 
-inline Layout layout_of(const at::Tensor& x, const char* name) { return sample_layout_of(x, name); }
-
 // The 1024-element pieces a sample is split into for the per-sample sums (kPiece of metropolis_math.h).
 inline int64_t pieces(const Layout& l) { return (l.D + 1023) / 1024; }
 
@@ -46,7 +44,7 @@ inline void check_apart(std::initializer_list<const at::Tensor*> written, std::i
 inline Layout check_propose(const at::Tensor& x, const at::Tensor& score, const at::Tensor& coef,
                             int64_t sample_offset, const at::Tensor& x_out, const c10::optional<at::Tensor>& p_out,
                             const at::Tensor& sq_out) {
-  const Layout l = layout_of(x, "x");
+  const Layout l = sample_layout_of(x, "x");
   check_like(score, x, "score");
   check_like(x_out, x, "x_out");
   if (p_out.has_value()) check_like(*p_out, x, "p_out");
@@ -61,7 +59,7 @@ inline Layout check_propose(const at::Tensor& x, const at::Tensor& score, const 
 // metropolis_leapfrog: x, p (both updated), score laid out as x; coef (N, 3).
 inline Layout check_leapfrog(const at::Tensor& x, const at::Tensor& p, const at::Tensor& score,
                              const at::Tensor& coef) {
-  const Layout l = layout_of(x, "x");
+  const Layout l = sample_layout_of(x, "x");
   check_like(p, x, "p");
   check_like(score, x, "score");
   check_coef(coef, x, l.N);
@@ -75,7 +73,7 @@ inline Layout check_accept(const at::Tensor& x, const at::Tensor& score, const a
                            const at::Tensor& x_prop, const at::Tensor& score_prop, const at::Tensor& energy_prop,
                            const c10::optional<at::Tensor>& p, const at::Tensor& sq, const at::Tensor& coef,
                            int64_t sample_offset, const at::Tensor& accepted, const at::Tensor& log_alpha) {
-  const Layout l = layout_of(x, "x");
+  const Layout l = sample_layout_of(x, "x");
   check_like(score, x, "score");
   check_like(x_prop, x, "x_prop");
   check_like(score_prop, x, "score_prop");
