@@ -123,11 +123,10 @@ def cases(quick=False, device="cpu"):
         raise ValueError("device: the compile bench measures CPU compilation (Inductor's C++ code); use cpu")
     out = []
     for case in QUICK_CASES if quick else CASES:
-        providers = forward_providers(case)
         out.append(
             _harness.Case(
                 f"fwd {_models._label(case)}",
-                providers,
+                forward_providers(case),
                 _harness.agree_or_drop("eager", COMPILED, what="forward", rtol=1e-4, atol=1e-3),
                 capability_rows=False,
             )

@@ -227,11 +227,10 @@ def _train_check(models):
 def cases(quick=False, device="cpu", with_compile=True):
     out = []
     for case in QUICK_CASES if quick else CASES:
-        providers = forward_providers(case, device, with_compile)
         out.append(
             _harness.Case(
                 f"fwd {_label(case)}",
-                providers,
+                forward_providers(case, device, with_compile),
                 _harness.agree_or_drop("eager", ("compile",), what="forward", rtol=1e-4, atol=1e-3),
             )
         )
